@@ -1,0 +1,45 @@
+# `make repro` and `make test` are the whole set-up on a fresh machine: they create .venv, install the
+# pinned stack from pyproject.toml, make the default data available and run.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
+
+# The stage commands in dvc.yaml run `python`: put the project's venv first on PATH for them.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export MLFLOW_DISABLE_TELEMETRY := true
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export DVC_NO_ANALYTICS := 1
+export PYTHONUNBUFFERED := 1
+
+.PHONY: help install data repro test test-slow lint plots ui flow schedule clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	rm -f $(VENV)/.installed-* && touch $@
+
+install: $(STAMP)  ## create .venv and install the pinned stack
+
+data:  ## make Fashion-MNIST available offline (Debian's dataset-fashion-mnist) when we can
+	@if [ -d /usr/share/datasets/fashion-mnist ] || [ -d data/raw/FashionMNIST/raw ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null) \
+	    || echo "note: apt could not install dataset-fashion-mnist; prepare will try data/raw, then a download"; \
+	else echo "note: run 'sudo apt-get install dataset-fashion-mnist' or put the idx files in data/raw/FashionMNIST/raw"; fi
+
+repro: install data  ## reproduce the whole pipeline (dvc repro)
+	dvc repro
+
+test: install  ## run the test suite (slow tests excluded)
+	pytest -q -m "not slow"
+
+test-slow: install  ## run only the slow tests
+	pytest -q -m slow
+
+lint: install  ## ruff
+	ruff check .

@@ -1,0 +1,1 @@
+"""BlockDrop: dynamic inference paths in residual networks (Wu et al., CVPR 2018)."""

@@ -1,0 +1,106 @@
+"""The evaluate stage's numbers: BlockDrop against the full backbone and the paper's two heuristics.
+
+All four variants are scored on the same test images with the same FLOPs table:
+* ``full``: the pretrained backbone, every block on;
+* ``blockdrop``: the finetuned backbone under the greedy policy (policy network FLOPs included);
+* ``firstk`` / ``randomk``: the pretrained backbone running the first k, or k random, blocks, where k is
+  BlockDrop's mean number of blocks, rounded (the paper's heuristics: dropping without learning).
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import torch
+
+from blockdrop.data import Normalize, Split
+from blockdrop.flops import FlopTable
+from blockdrop.models import CifarResNet
+from blockdrop.predict import predict, run_policy
+
+__all__ = ["evaluate_variants", "firstk_actions", "per_class_table", "randomk_actions", "variant_metrics"]
+
+
+def variant_metrics(correct: torch.Tensor, actions: torch.Tensor, flops: torch.Tensor) -> dict[str, float]:
+    """Accuracy, blocks used and FLOPs per image (mean and population std) of one variant."""
+    blocks = actions.sum(1).double()
+    return {
+        "accuracy": correct.double().mean().item(),
+        "blocks_mean": blocks.mean().item(),
+        "blocks_std": blocks.std(unbiased=False).item(),
+        "block_fraction": blocks.mean().item() / actions.shape[1],
+        "flops_mean": flops.double().mean().item(),
+        "flops_std": flops.double().std(unbiased=False).item(),
+    }
+
+
+def firstk_actions(n: int, num_blocks: int, k: int) -> torch.Tensor:
+    """Run the first ``k`` blocks of every image."""
+    return (torch.arange(num_blocks) < k).float().expand(n, num_blocks).clone()
+
+
+def randomk_actions(n: int, num_blocks: int, k: int, generator: torch.Generator) -> torch.Tensor:
+    """Run ``k`` blocks chosen uniformly at random, independently per image."""
+    ranks = torch.rand(n, num_blocks, generator=generator).argsort(1).argsort(1)
+    return (ranks < k).float()
+
+
+def evaluate_variants(
+    pretrained: CifarResNet,
+    backbone: CifarResNet,
+    policy_net: CifarResNet,
+    test: Split,
+    normalize: Normalize,
+    flops: FlopTable,
+    generator: torch.Generator,
+    batch_size: int = 500,
+) -> tuple[dict, pd.DataFrame]:
+    """Metrics of the four variants (the shape of ``reports/evaluate/metrics.json`` minus the speedup)
+    and a per-image table for the analysis stage."""
+    labels = test.labels.cpu()
+    n, num_blocks = len(labels), backbone.num_blocks
+    full_logits = predict(pretrained, test, normalize, batch_size)
+    bd_logits, bd_actions = run_policy(backbone, policy_net, test, normalize, batch_size)
+    bd_correct = bd_logits.argmax(1) == labels
+    bd_flops = flops.per_image(bd_actions)
+
+    k = round(bd_actions.sum(1).mean().item())
+    heuristics = {"firstk": firstk_actions(n, num_blocks, k), "randomk": randomk_actions(n, num_blocks, k, generator)}
+    metrics: dict = {"num_blocks": num_blocks}
+    metrics["full"] = variant_metrics(full_logits.argmax(1) == labels, torch.ones(n, num_blocks),
+                                      torch.full((n,), float(flops.full)))
+    metrics["blockdrop"] = {**variant_metrics(bd_correct, bd_actions, bd_flops),
+                            "unique_policies": len(torch.unique(bd_actions, dim=0))}
+    for name, actions in heuristics.items():
+        logits = predict(pretrained, test, normalize, batch_size, policy_fn=_rows_of(actions, batch_size))
+        metrics[name] = variant_metrics(logits.argmax(1) == labels, actions, flops.per_image(actions, False))
+
+    full_log_probs = full_logits.log_softmax(1)
+    per_image = pd.DataFrame({
+        "index": range(n),
+        "label": labels.numpy(),
+        "predicted": bd_logits.argmax(1).numpy(),
+        "correct": bd_correct.numpy(),
+        "blocks": bd_actions.sum(1).int().numpy(),
+        "flops": bd_flops.numpy(),
+        "policy": ["".join(str(int(a)) for a in row) for row in bd_actions.tolist()],
+        "full_correct": (full_logits.argmax(1) == labels).numpy(),
+        "full_confidence": full_log_probs.exp().gather(1, labels[:, None])[:, 0].numpy(),
+        "full_loss": (-full_log_probs.gather(1, labels[:, None])[:, 0]).numpy(),
+    })
+    return metrics, per_image
+
+
+def _rows_of(actions: torch.Tensor, batch_size: int):
+    """A ``policy_fn`` for :func:`predict` that hands out consecutive rows of a fixed action table."""
+    batches = iter(actions.split(batch_size))
+    return lambda x: next(batches).to(x.device)
+
+
+def per_class_table(per_image: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
+    """Accuracy and blocks used (mean, std) of BlockDrop for each class."""
+    table = per_image.groupby("label").agg(
+        images=("correct", "size"), accuracy=("correct", "mean"), full_accuracy=("full_correct", "mean"),
+        blocks_mean=("blocks", "mean"), blocks_std=("blocks", "std"),
+    ).reset_index()
+    table.insert(1, "class", [classes[i] for i in table["label"]])
+    return table

@@ -1,0 +1,152 @@
+"""CIFAR-style ResNets (He et al. 2016, option A shortcuts) that can run a per-image block policy.
+
+A network of depth 6n+2 has three stages of n basic blocks (16, 32, 64 channels, strides 1, 2, 2), so
+K = 3n residual blocks that a policy can switch on or off. Three ways to run it:
+
+* ``forward(x)``: the full network, every block on.
+* ``forward(x, policy)``: the *masked* form used while training, one 0/1 action per image and block.
+  Every block still runs on every image, so this saves no time; it only makes the output what it would
+  be had the dropped blocks been skipped (and lets gradients flow into every block that was kept).
+* ``forward_skipping(x, actions)``: *real* skipping for a batch that shares one policy (batch size 1 at
+  inference): a dropped block is never computed, which is where BlockDrop's speedup comes from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["BasicBlock", "CifarResNet", "Shortcut", "cifar_resnet", "policy_resnet8"]
+
+
+class BasicBlock(nn.Module):
+    """The residual branch conv-BN-ReLU-conv-BN; the addition and the final ReLU live in the network."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+
+
+class Shortcut(nn.Module):
+    """Parameter-free shortcut: average-pool by the stride, then zero-pad the new channels.
+
+    It has no weights and costs no FLOPs under the paper's convention, and it always runs, even when the
+    block beside it is skipped, because the next block needs the downsampled shape.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+        super().__init__()
+        self.stride, self.extra = stride, out_channels - in_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride > 1:
+            x = F.avg_pool2d(x, self.stride)
+        if self.extra:
+            x = F.pad(x, (0, 0, 0, 0, 0, self.extra))  # zeros appended along the channel dim
+        return x
+
+
+class CifarResNet(nn.Module):
+    """ResNet with ``blocks_per_stage`` basic blocks in each of three stages (16/32/64 channels)."""
+
+    def __init__(self, blocks_per_stage: Sequence[int], num_classes: int, in_channels: int = 3) -> None:
+        super().__init__()
+        self.blocks_per_stage = tuple(blocks_per_stage)
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(inplace=True)
+        )
+        blocks, shortcuts = [], []
+        channels = 16
+        for stage, n in enumerate(self.blocks_per_stage):
+            width, stride = 16 * 2**stage, 1 if stage == 0 else 2
+            for b in range(n):
+                s = stride if b == 0 else 1
+                blocks.append(BasicBlock(channels, width, s))
+                shortcuts.append(Shortcut(channels, width, s) if (s > 1 or channels != width) else nn.Identity())
+                channels = width
+        self.blocks, self.shortcuts = nn.ModuleList(blocks), nn.ModuleList(shortcuts)
+        self.fc = nn.Linear(channels, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    @property
+    def num_blocks(self) -> int:
+        """K, the number of residual blocks a policy decides on."""
+        return len(self.blocks)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+    def forward(self, x: torch.Tensor, policy: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of the full network, or of the network under a (batch, K) 0/1 ``policy``.
+
+        Under a policy, block t of image i contributes only where ``policy[i, t] = 1``; elsewhere the image
+        passes through the shortcut. This is the masked form of the paper,
+        ``x = relu(residual + block(x)) * a + residual * (1 - a)``, computed sparsely: each block runs on
+        the sub-batch of images that keep it, so dropped blocks cost nothing. With autograd on (training)
+        it runs the dense formula instead: on a CPU the backward of gather/scatter costs more than the
+        blocks it saves, and BatchNorm then sees the same batch as in the paper. Both give the same logits
+        in eval mode. No ReLU is needed on the skipped path: the residual is already
+        non-negative, since every block ends in a ReLU and pooling and zero padding keep that.
+        """
+        if policy is not None and torch.is_grad_enabled():
+            return self.forward_masked(x, policy)
+        x = self.stem(x)
+        keep = None if policy is None else policy > 0.5
+        for t, (block, shortcut) in enumerate(zip(self.blocks, self.shortcuts, strict=True)):
+            residual = shortcut(x)
+            if keep is None or bool(keep[:, t].all()):
+                x = F.relu(residual + block(x))
+                continue
+            idx = keep[:, t].nonzero().squeeze(1)
+            if len(idx):
+                out = F.relu(residual[idx] + block(x[idx]))
+                residual = residual.index_put((idx,), out)  # keeps channels_last, unlike index_copy
+            x = residual
+        return self.head(x)
+
+    def forward_masked(self, x: torch.Tensor, policy: torch.Tensor) -> torch.Tensor:
+        """The dense masked formula, every block on every image (the reference ``forward`` must match)."""
+        x = self.stem(x)
+        for t, (block, shortcut) in enumerate(zip(self.blocks, self.shortcuts, strict=True)):
+            residual = shortcut(x)
+            a = policy[:, t].to(x.dtype).view(-1, 1, 1, 1)
+            x = F.relu(residual + block(x)) * a + residual * (1 - a)
+        return self.head(x)
+
+    def forward_skipping(self, x: torch.Tensor, actions: Sequence[bool] | torch.Tensor) -> torch.Tensor:
+        """Logits with real skipping: the blocks whose action is 0 are not computed at all.
+
+        ``actions`` holds K booleans shared by the whole batch (BlockDrop's inference runs at batch size 1).
+        """
+        if len(actions) != self.num_blocks:
+            raise ValueError(f"expected {self.num_blocks} actions, got {len(actions)}")
+        keep = [bool(a) for a in actions]
+        x = self.stem(x)
+        for block, shortcut, on in zip(self.blocks, self.shortcuts, keep, strict=True):
+            residual = shortcut(x)
+            x = F.relu(residual + block(x)) if on else residual
+        return self.head(x)
+
+
+def cifar_resnet(depth: int, num_classes: int, in_channels: int = 3) -> CifarResNet:
+    """The CIFAR ResNet of ``depth`` = 6n + 2 layers (20, 32, 56, 110, ...): K = 3n blocks."""
+    if depth < 8 or (depth - 2) % 6:
+        raise ValueError(f"CIFAR ResNet depth must be 6n+2 with n >= 1, got {depth}")
+    n = (depth - 2) // 6
+    return CifarResNet((n, n, n), num_classes, in_channels)
+
+
+def policy_resnet8(num_blocks: int, in_channels: int = 3) -> CifarResNet:
+    """BlockDrop's CIFAR policy network: a ResNet-8 whose K outputs are logits of keep-probabilities."""
+    return CifarResNet((1, 1, 1), num_blocks, in_channels)

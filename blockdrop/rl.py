@@ -1,0 +1,88 @@
+"""The policy-gradient pieces of BlockDrop, as small pure functions (each unit-tested by hand).
+
+Notation: K blocks; ``probs`` are the policy network's keep-probabilities p in (0, 1), shape (B, K);
+``actions`` are 0/1 floats of the same shape; ``learnable`` is a (K,) bool mask of the blocks the policy
+decides on (the curriculum unlocks them from the last block backwards).
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "bernoulli_entropy",
+    "bound_probs",
+    "curriculum_mask",
+    "force_on",
+    "greedy_actions",
+    "policy_gradient_loss",
+    "reward",
+    "sample_actions",
+]
+
+
+def bound_probs(probs: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``p' = alpha p + (1 - alpha)(1 - p)``: keeps every probability in [1-alpha, alpha] so the policy
+    never stops exploring (alpha = 0.8 bounds it to [0.2, 0.8])."""
+    return alpha * probs + (1 - alpha) * (1 - probs)
+
+
+def sample_actions(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Bernoulli samples of ``probs`` drawn from a CPU ``generator`` (reproducible on any device)."""
+    u = torch.rand(probs.shape, generator=generator).to(probs.device)
+    return (u < probs).to(probs.dtype)
+
+
+def greedy_actions(probs: torch.Tensor) -> torch.Tensor:
+    """The deterministic policy used for the baseline and at test time: keep a block iff p >= 0.5.
+    (For alpha > 0.5 bounding does not move p across 0.5, so bounded or not gives the same actions.)"""
+    return (probs >= 0.5).to(probs.dtype)
+
+
+def reward(actions: torch.Tensor, correct: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Per image: ``1 - (blocks/K)^2`` if the prediction is correct, else ``-penalty``."""
+    used = actions.sum(1) / actions.shape[1]
+    return torch.where(correct, 1 - used**2, torch.full_like(used, -penalty))
+
+
+def curriculum_mask(epoch: int, num_blocks: int) -> torch.Tensor:
+    """Blocks the policy may decide on in curriculum epoch ``epoch`` (from 0): the last
+    ``min(K, epoch + 1)``. All K are learnable from epoch K - 1 on."""
+    k = min(num_blocks, epoch + 1)
+    return torch.arange(num_blocks) >= num_blocks - k
+
+
+def force_on(actions: torch.Tensor, learnable: torch.Tensor) -> torch.Tensor:
+    """Blocks outside ``learnable`` are always run (action 1)."""
+    return torch.where(learnable.to(actions.device), actions, torch.ones_like(actions))
+
+
+def bernoulli_entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Elementwise entropy of Bernoulli(p), in nats."""
+    p = probs.clamp(1e-6, 1 - 1e-6)
+    return -(p * p.log() + (1 - p) * (1 - p).log())
+
+
+def policy_gradient_loss(
+    probs: torch.Tensor,
+    actions: torch.Tensor,
+    advantage: torch.Tensor,
+    learnable: torch.Tensor | None = None,
+    beta: float = 0.0,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """REINFORCE with a baseline: ``-A * sum_k log pi(a_k)`` over the batch (``mean`` or ``sum``),
+    minus ``beta`` times the mean entropy of the learnable blocks.
+
+    ``probs`` are the (bounded) probabilities the actions were sampled from; only blocks in
+    ``learnable`` contribute, since forced-on blocks were not the policy's choice.
+    """
+    mask = torch.ones(probs.shape[1], dtype=torch.bool) if learnable is None else learnable
+    mask = mask.to(probs.device).to(probs.dtype)
+    p = probs.clamp(1e-6, 1 - 1e-6)
+    log_pi = actions * p.log() + (1 - actions) * (1 - p).log()
+    per_image = -advantage.detach() * (log_pi * mask).sum(1)
+    pg = per_image.mean() if reduction == "mean" else per_image.sum()
+    if beta:
+        pg = pg - beta * (bernoulli_entropy(probs) * mask).sum(1).mean()
+    return pg

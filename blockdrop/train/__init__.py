@@ -1,0 +1,1 @@
+"""Training loops: backbone pretraining, curriculum policy training, joint finetuning."""

@@ -1,0 +1,91 @@
+"""Stage 1 of BlockDrop: train the policy network alone, with a curriculum, on a frozen backbone.
+
+In curriculum epoch e the policy decides only the last min(K, e + 1) blocks; the others are forced on
+and left out of the loss. Starting with the blocks whose removal hurts least (the last ones) lets the
+policy learn to drop blocks before it can wreck the early features every later block depends on.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from blockdrop import rl
+from blockdrop.config import Curriculum
+from blockdrop.data import Normalize, Split, batches
+from blockdrop.models import CifarResNet
+from blockdrop.predict import policy_summary, run_policy
+from blockdrop.train.resume import resume_state, save_state
+from blockdrop.train.rollout import rollout
+
+__all__ = ["train_curriculum"]
+
+log = logging.getLogger(__name__)
+
+
+def train_curriculum(
+    backbone: CifarResNet,
+    policy_net: CifarResNet,
+    train: Split,
+    val: Split,
+    normalize: Normalize,
+    cfg: Curriculum,
+    generator: torch.Generator,
+    precision: str,
+    checkpoint: Path,
+    run_key: str,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+) -> list[dict[str, float]]:
+    """Train ``policy_net`` in place; return one history row per epoch."""
+    backbone.eval().requires_grad_(False)  # frozen: BN uses its running statistics, no weight changes
+    optimizer = torch.optim.Adam(policy_net.parameters(), lr=cfg.lr)
+    parts = {"policy": policy_net, "optimizer": optimizer}
+    start, history = resume_state(checkpoint, run_key, parts, generator)
+    num_blocks = backbone.num_blocks
+    steps = math.ceil(min(cfg.images_per_epoch, len(train)) / cfg.batch_size)
+
+    for epoch in range(start, cfg.epochs):
+        learnable = rl.curriculum_mask(epoch, num_blocks)
+        policy_net.train()
+        totals = {"reward": 0.0, "accuracy": 0.0, "blocks": 0.0, "advantage": 0.0}
+        seen = 0
+        stream = batches(train, cfg.batch_size, normalize, generator=generator, shuffle=True,
+                         crop_padding=cfg.crop_padding, flip=cfg.flip, limit=cfg.images_per_epoch)
+        for x, y in tqdm(stream, total=steps, desc=f"curriculum {epoch + 1}/{cfg.epochs}", leave=False,
+                         mininterval=5):
+            r = rollout(backbone, policy_net, x, y, alpha=cfg.alpha, penalty=cfg.penalty,
+                        learnable=learnable, generator=generator, precision=precision)
+            loss = rl.policy_gradient_loss(r.bounded, r.actions, r.advantage, learnable, beta=cfg.beta)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            n = len(y)
+            seen += n
+            totals["reward"] += r.reward.sum().item()
+            totals["accuracy"] += (r.logits.argmax(1) == y).sum().item()
+            totals["blocks"] += r.actions.sum().item()
+            totals["advantage"] += r.advantage.sum().item()
+        # Validate the greedy policy under the same curriculum: the forced-on blocks stay on.
+        logits, actions = run_policy(backbone, policy_net, val, normalize, precision=precision,
+                                     learnable=learnable)
+        summary = policy_summary(logits, actions, val.labels, cfg.penalty)
+        row = {
+            "epoch": epoch + 1, "unlocked_blocks": int(learnable.sum()),
+            **{f"train/{k}": v / seen for k, v in totals.items()},
+            "val/accuracy": summary["accuracy"], "val/blocks_mean": summary["blocks_mean"],
+            "val/reward": summary["reward"],
+        }
+        history.append(row)
+        log.info("curriculum epoch %d/%d  unlocked %d/%d  train reward %.3f acc %.3f blocks %.2f  "
+                 "val acc %.4f blocks %.2f", epoch + 1, cfg.epochs, row["unlocked_blocks"], num_blocks,
+                 row["train/reward"], row["train/accuracy"], row["train/blocks"], row["val/accuracy"],
+                 row["val/blocks_mean"])
+        save_state(checkpoint, run_key, epoch + 1, parts, generator, history)
+        if on_epoch is not None:
+            on_epoch(row)
+    return history

@@ -1,0 +1,92 @@
+"""Stage 2 of BlockDrop: train the policy and the backbone together.
+
+No curriculum and no entropy bonus. The backbone, now in train mode, learns to classify under the
+policies it is given (cross-entropy of its logits under the *sampled* actions), while the policy keeps
+learning from the reward. This is where accuracy lost to dropped blocks comes back: the remaining
+blocks adapt to the paths the policy chooses.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from blockdrop import rl
+from blockdrop.config import Finetune
+from blockdrop.data import Normalize, Split, batches
+from blockdrop.models import CifarResNet
+from blockdrop.predict import policy_summary, run_policy
+from blockdrop.train.resume import resume_state, save_state
+from blockdrop.train.rollout import rollout
+
+__all__ = ["finetune_jointly"]
+
+log = logging.getLogger(__name__)
+
+
+def finetune_jointly(
+    backbone: CifarResNet,
+    policy_net: CifarResNet,
+    train: Split,
+    val: Split,
+    normalize: Normalize,
+    cfg: Finetune,
+    generator: torch.Generator,
+    precision: str,
+    checkpoint: Path,
+    run_key: str,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+) -> list[dict[str, float]]:
+    """Train ``backbone`` and ``policy_net`` in place; return one history row per epoch."""
+    backbone.requires_grad_(True)
+    optimizer = torch.optim.Adam([*policy_net.parameters(), *backbone.parameters()], lr=cfg.lr)
+    parts = {"policy": policy_net, "backbone": backbone, "optimizer": optimizer}
+    start, history = resume_state(checkpoint, run_key, parts, generator)
+    all_blocks = torch.ones(backbone.num_blocks, dtype=torch.bool)
+    steps = math.ceil(min(cfg.images_per_epoch, len(train)) / cfg.batch_size)
+
+    for epoch in range(start, cfg.epochs):
+        backbone.train(), policy_net.train()
+        totals = {"loss": 0.0, "ce": 0.0, "reward": 0.0, "accuracy": 0.0, "blocks": 0.0}
+        seen = 0
+        stream = batches(train, cfg.batch_size, normalize, generator=generator, shuffle=True,
+                         crop_padding=cfg.crop_padding, flip=cfg.flip, limit=cfg.images_per_epoch)
+        for x, y in tqdm(stream, total=steps, desc=f"finetune {epoch + 1}/{cfg.epochs}", leave=False,
+                         mininterval=5):
+            r = rollout(backbone, policy_net, x, y, alpha=cfg.alpha, penalty=cfg.penalty,
+                        learnable=all_blocks, generator=generator, precision=precision, backbone_grad=True)
+            pg = rl.policy_gradient_loss(r.bounded, r.actions, r.advantage, reduction=cfg.pg_reduction)
+            ce = F.cross_entropy(r.logits, y)
+            loss = pg + ce
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            n = len(y)
+            seen += n
+            totals["loss"] += loss.item() * n
+            totals["ce"] += ce.item() * n
+            totals["reward"] += r.reward.sum().item()
+            totals["accuracy"] += (r.logits.detach().argmax(1) == y).sum().item()
+            totals["blocks"] += r.actions.sum().item()
+        logits, actions = run_policy(backbone, policy_net, val, normalize, precision=precision)
+        summary = policy_summary(logits, actions, val.labels, cfg.penalty)
+        row = {
+            "epoch": epoch + 1, **{f"train/{k}": v / seen for k, v in totals.items()},
+            "val/accuracy": summary["accuracy"], "val/blocks_mean": summary["blocks_mean"],
+            "val/reward": summary["reward"],
+        }
+        history.append(row)
+        log.info("finetune epoch %d/%d  loss %.3f  train reward %.3f acc %.3f blocks %.2f  val acc %.4f "
+                 "blocks %.2f", epoch + 1, cfg.epochs, row["train/loss"], row["train/reward"],
+                 row["train/accuracy"], row["train/blocks"], row["val/accuracy"], row["val/blocks_mean"])
+        save_state(checkpoint, run_key, epoch + 1, parts, generator, history)
+        if on_epoch is not None:
+            on_epoch(row)
+    backbone.eval(), policy_net.eval()
+    return history

@@ -1,0 +1,63 @@
+"""One policy-gradient step's worth of evidence: sample a policy, run the backbone, score it.
+
+Both RL stages share this. The greedy policy (keep a block iff p >= 0.5) is run beside the sampled one
+and its reward is the baseline (self-critical training, Rennie et al. 2017): a sampled policy is
+reinforced only when it beats what the policy would do greedily on the same image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from blockdrop import rl
+from blockdrop.models import CifarResNet
+from blockdrop.runtime import autocast
+
+__all__ = ["Rollout", "rollout"]
+
+
+@dataclass
+class Rollout:
+    bounded: torch.Tensor  # p', the probabilities the actions were sampled from (with grad)
+    actions: torch.Tensor  # sampled 0/1 actions, forced-on blocks included
+    greedy: torch.Tensor  # greedy 0/1 actions, forced-on blocks included
+    logits: torch.Tensor  # backbone logits under the sampled actions (with grad when asked)
+    reward: torch.Tensor  # reward of the sampled actions
+    baseline: torch.Tensor  # reward of the greedy actions
+    greedy_correct: torch.Tensor
+
+    @property
+    def advantage(self) -> torch.Tensor:
+        return self.reward - self.baseline
+
+
+def rollout(
+    backbone: CifarResNet,
+    policy_net: CifarResNet,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    alpha: float,
+    penalty: float,
+    learnable: torch.Tensor,
+    generator: torch.Generator,
+    precision: str = "fp32",
+    backbone_grad: bool = False,
+) -> Rollout:
+    """Sample actions from the policy on ``x`` and score both them and the greedy actions on ``y``."""
+    with autocast(precision, x.device):
+        probs = torch.sigmoid(policy_net(x).float())
+    bounded = rl.bound_probs(probs, alpha)
+    actions = rl.force_on(rl.sample_actions(bounded.detach(), generator), learnable)
+    greedy = rl.force_on(rl.greedy_actions(probs.detach()), learnable)
+    with torch.set_grad_enabled(backbone_grad), autocast(precision, x.device):
+        logits = backbone(x, actions).float()
+    with torch.no_grad(), autocast(precision, x.device):
+        greedy_correct = backbone(x, greedy).argmax(1) == y
+    return Rollout(
+        bounded=bounded, actions=actions, greedy=greedy, logits=logits,
+        reward=rl.reward(actions, logits.detach().argmax(1) == y, penalty),
+        baseline=rl.reward(greedy, greedy_correct, penalty), greedy_correct=greedy_correct,
+    )

@@ -1,0 +1,1 @@
+"""One thin entry point per DVC stage (``python -m pipelines.<stage>``), and the Prefect flows."""

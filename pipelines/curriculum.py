@@ -1,0 +1,49 @@
+"""DVC stage ``curriculum``: train the policy network on the frozen backbone, one more block per epoch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from blockdrop import stage, tracking
+from blockdrop.files import write_csv, write_json
+from blockdrop.models import load_backbone, policy_resnet8, save_policy
+from blockdrop.train.curriculum import train_curriculum
+
+BACKBONE = Path("models/backbone.pt")
+POLICY = Path("models/policy_cl.pt")
+REPORTS = Path("reports/curriculum")
+
+
+def main() -> None:
+    ctx = stage.start("curriculum")
+    p = ctx.params
+    with stage.failures_reported("curriculum"):
+        meta, data, normalize = stage.load_data(ctx, "train", "val")
+        backbone = load_backbone(BACKBONE).to(ctx.device, memory_format=torch.channels_last)
+        policy_net = policy_resnet8(backbone.num_blocks, meta.shape[0])
+        policy_net = policy_net.to(ctx.device, memory_format=torch.channels_last)
+        with tracking.stage_run("curriculum", p, data_sha256=meta.data_sha256) as run:
+            history = train_curriculum(
+                backbone, policy_net, data["train"], data["val"], normalize, p.curriculum, ctx.generator,
+                ctx.precision, checkpoint=ctx.state_path, run_key=ctx.run_key,
+                on_epoch=lambda row: run.log_epoch(row, step=int(row["epoch"])),
+            )
+            last = history[-1]
+            metrics = {
+                "val": {"accuracy": last["val/accuracy"], "blocks_mean": last["val/blocks_mean"],
+                        "reward": last["val/reward"]},
+                "train": {"reward": last["train/reward"], "epochs": len(history),
+                          "unlocked_blocks": last["unlocked_blocks"]},
+            }
+            save_policy(policy_net.cpu(), POLICY)
+            write_csv(REPORTS / "history.csv", history)
+            write_json(REPORTS / "metrics.json", metrics)
+            run.log_metrics(metrics)
+            run.log_artifacts([REPORTS / "history.csv", REPORTS / "metrics.json"])
+            run.tag_outputs([POLICY])
+
+
+if __name__ == "__main__":
+    main()

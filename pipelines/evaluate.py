@@ -1,0 +1,62 @@
+"""DVC stage ``evaluate``: BlockDrop vs the full backbone, FirstK and RandomK, FLOPs and measured speedup."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from blockdrop import stage, tracking
+from blockdrop.evaluation import evaluate_variants, per_class_table
+from blockdrop.files import atomic_write_text, write_json
+from blockdrop.flops import count_flops
+from blockdrop.inference import FullPredictor, SkippingPredictor, measure_latency
+from blockdrop.models import load_backbone, load_blockdrop
+
+BACKBONE = Path("models/backbone.pt")
+MODEL = Path("models/blockdrop.pt")
+REPORTS = Path("reports/evaluate")
+PER_IMAGE = Path("data/evaluate/per_image.csv")
+log = logging.getLogger("blockdrop.evaluate")
+
+
+def main() -> None:
+    ctx = stage.start("evaluate")
+    p = ctx.params.evaluate
+    with stage.failures_reported("evaluate"):
+        meta, data, normalize = stage.load_data(ctx, "test")
+        test = data["test"]
+        pretrained = load_backbone(BACKBONE).to(ctx.device, memory_format=torch.channels_last)
+        backbone, policy_net = (m.to(ctx.device, memory_format=torch.channels_last)
+                                for m in load_blockdrop(MODEL))
+        flops = count_flops(backbone.cpu(), tuple(meta.shape), policy_net.cpu())
+        backbone, policy_net = backbone.to(ctx.device), policy_net.to(ctx.device)
+        with tracking.stage_run("evaluate", ctx.params, data_sha256=meta.data_sha256) as run:
+            metrics, per_image = evaluate_variants(pretrained, backbone, policy_net, test, normalize, flops,
+                                                   ctx.generator, p.batch_size)
+            n = min(len(test), p.latency_warmup + p.latency_images)
+            images = normalize(test.images[:n])
+            latency = measure_latency(FullPredictor(pretrained), SkippingPredictor(backbone, policy_net),
+                                      images, p.latency_warmup)
+            metrics["speedup"] = {"flops_ratio": flops.full / metrics["blockdrop"]["flops_mean"],
+                                  "measured_batch1": latency["speedup"]}
+            for name in ("full", "blockdrop", "firstk", "randomk"):
+                m = metrics[name]
+                log.info("%-9s accuracy %.4f  blocks %5.2f +- %.2f  FLOPs %.3g", name, m["accuracy"],
+                         m["blocks_mean"], m["blocks_std"], m["flops_mean"])
+            log.info("speedup: FLOPs %.2fx, measured at batch 1 %.2fx (%.2f ms -> %.2f ms, median of %d)",
+                     metrics["speedup"]["flops_ratio"], latency["speedup"], latency["full_ms"],
+                     latency["blockdrop_ms"], latency["images"])
+            PER_IMAGE.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(PER_IMAGE, per_image.to_csv(index=False))
+            atomic_write_text(REPORTS / "per_class.csv", per_class_table(per_image, meta.classes).to_csv(index=False))
+            write_json(REPORTS / "latency.json", latency)
+            write_json(REPORTS / "metrics.json", metrics)
+            run.log_metrics(metrics)
+            run.log_metrics({"latency": latency})
+            run.log_artifacts([REPORTS / "metrics.json", REPORTS / "per_class.csv", REPORTS / "latency.json"])
+
+
+if __name__ == "__main__":
+    main()

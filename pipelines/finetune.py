@@ -1,0 +1,48 @@
+"""DVC stage ``finetune``: train the policy and the backbone jointly; writes the BlockDrop model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from blockdrop import stage, tracking
+from blockdrop.files import write_csv, write_json
+from blockdrop.models import load_backbone, load_policy, save_blockdrop
+from blockdrop.train.finetune import finetune_jointly
+
+BACKBONE = Path("models/backbone.pt")
+POLICY = Path("models/policy_cl.pt")
+MODEL = Path("models/blockdrop.pt")
+REPORTS = Path("reports/finetune")
+
+
+def main() -> None:
+    ctx = stage.start("finetune")
+    p = ctx.params
+    with stage.failures_reported("finetune"):
+        meta, data, normalize = stage.load_data(ctx, "train", "val")
+        backbone = load_backbone(BACKBONE).to(ctx.device, memory_format=torch.channels_last)
+        policy_net = load_policy(POLICY).to(ctx.device, memory_format=torch.channels_last)
+        with tracking.stage_run("finetune", p, data_sha256=meta.data_sha256) as run:
+            history = finetune_jointly(
+                backbone, policy_net, data["train"], data["val"], normalize, p.finetune, ctx.generator,
+                ctx.precision, checkpoint=ctx.state_path, run_key=ctx.run_key,
+                on_epoch=lambda row: run.log_epoch(row, step=int(row["epoch"])),
+            )
+            last = history[-1]
+            metrics = {
+                "val": {"accuracy": last["val/accuracy"], "blocks_mean": last["val/blocks_mean"],
+                        "reward": last["val/reward"]},
+                "train": {"reward": last["train/reward"], "loss": last["train/loss"], "epochs": len(history)},
+            }
+            save_blockdrop(backbone.cpu(), policy_net.cpu(), MODEL)
+            write_csv(REPORTS / "history.csv", history)
+            write_json(REPORTS / "metrics.json", metrics)
+            run.log_metrics(metrics)
+            run.log_artifacts([REPORTS / "history.csv", REPORTS / "metrics.json"])
+            run.tag_outputs([MODEL])
+
+
+if __name__ == "__main__":
+    main()
