@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 __all__ = [
     "Params",
@@ -27,11 +28,21 @@ __all__ = [
     "stage_param_keys",
 ]
 
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def _yaml11_float(value: Any) -> Any:
+    # YAML 1.1 (PyYAML) reads `1e-4` as the *string* "1e-4"; YAML 1.2 (and DVC's `-S`) reads a number.
+    # Accept exactly that spelling of a number; anything else ("fast", "5 epochs") stays a type error.
+    return float(value) if isinstance(value, str) and _NUMBER.fullmatch(value.strip()) else value
+
+
+Float = Annotated[float, BeforeValidator(_yaml11_float)]
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
-Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
-PositiveFloat = Annotated[float, Field(gt=0.0)]
-NonNegFloat = Annotated[float, Field(ge=0.0)]
+Fraction = Annotated[Float, Field(ge=0.0, le=1.0)]
+PositiveFloat = Annotated[Float, Field(gt=0.0)]
+NonNegFloat = Annotated[Float, Field(ge=0.0)]
 
 
 class Section(BaseModel):
@@ -50,11 +61,12 @@ class Data(Section):
 class Model(Section):
     depth: Annotated[int, Field(ge=8, le=1202)] = 32
 
-    @model_validator(mode="after")
-    def _six_n_plus_two(self) -> Model:
-        if (self.depth - 2) % 6:
-            raise ValueError(f"must be 6n+2 (20, 32, 56, 110), got {self.depth}")
-        return self
+    @field_validator("depth")
+    @classmethod
+    def _six_n_plus_two(cls, depth: int) -> int:
+        if (depth - 2) % 6:
+            raise ValueError(f"must be 6n+2 (20, 32, 56, 110), got {depth}")
+        return depth
 
 
 class Pretrain(Section):
@@ -64,9 +76,12 @@ class Pretrain(Section):
     warmup_epochs: NonNegFloat = 1.0
     momentum: Fraction = 0.9
     weight_decay: NonNegFloat = 5e-4
-    label_smoothing: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
-    drop_path: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0  # stochastic depth at the last block
+    label_smoothing: Annotated[Float, Field(ge=0.0, lt=1.0)] = 0.1
+    drop_path: Annotated[Float, Field(ge=0.0, lt=1.0)] = 0.0  # stochastic depth at the last block
     crop_padding: NonNegInt = 4
+    # Train on random crop_size x crop_size windows (0: full size) and test on whole images. Smaller
+    # crops are cheaper: 24x24 windows of 28x28 Fashion-MNIST cost 27% less per image.
+    crop_size: NonNegInt = 0
     flip: bool = True
 
 
@@ -75,7 +90,7 @@ class Curriculum(Section):
     images_per_epoch: PositiveInt = 10000
     batch_size: PositiveInt = 256
     lr: PositiveFloat = 1e-3
-    alpha: Annotated[float, Field(gt=0.5, le=1.0)] = 0.8  # probability bound p' = a p + (1-a)(1-p)
+    alpha: Annotated[Float, Field(gt=0.5, le=1.0)] = 0.8  # probability bound p' = a p + (1-a)(1-p)
     beta: NonNegFloat = 0.1  # entropy bonus
     penalty: NonNegFloat = 1.0  # gamma: reward of a wrong prediction is -penalty
     crop_padding: NonNegInt = 4
@@ -87,7 +102,7 @@ class Finetune(Section):
     images_per_epoch: PositiveInt = 55000
     batch_size: PositiveInt = 256
     lr: PositiveFloat = 1e-4
-    alpha: Annotated[float, Field(gt=0.5, le=1.0)] = 0.8
+    alpha: Annotated[Float, Field(gt=0.5, le=1.0)] = 0.8
     penalty: NonNegFloat = 5.0
     pg_reduction: Literal["mean", "sum"] = "mean"  # authors' code sums over the batch here
     crop_padding: NonNegInt = 4
@@ -98,6 +113,81 @@ class Evaluate(Section):
     batch_size: PositiveInt = 500
     latency_images: PositiveInt = 300  # images timed one at a time, after the warm-up
     latency_warmup: NonNegInt = 30
+
+
+class Analyze(Section):
+    samples_per_policy: Annotated[int, Field(ge=1, le=32)] = 8  # images shown with each policy
+    top_policies: Annotated[int, Field(ge=1, le=32)] = 8  # most frequent policies over the whole test set
+    policies_per_class: Annotated[int, Field(ge=1, le=8)] = 3  # most frequent policies shown per class
+    extreme_images: Annotated[int, Field(ge=1, le=32)] = 12  # images with the fewest / most blocks shown
+    embedding: Literal["pca", "tsne"] = "pca"  # 2-D map of the policy vectors
+    embedding_points: PositiveInt = 2000  # images drawn in the map (t-SNE runs on this subsample)
+    dpi: Annotated[int, Field(ge=50, le=600)] = 150
+
+
+class Report(Section):
+    title: str = "BlockDrop reproduction"
+
+
+class Tracking(Section):
+    experiment: Annotated[str, Field(min_length=1)] = "blockdrop"  # MLflow experiment of every run
+    log_model: bool = True  # finetune logs and registers the BlockDrop model (alias "challenger")
+
+
+_CRON_FIELDS = (("minute", 0, 59), ("hour", 0, 23), ("day of month", 1, 31), ("month", 1, 12),
+                ("day of week", 0, 7))
+_CRON_NAMES = {"jan": 1, "feb": 2, "mar": 3, "apr": 4, "may": 5, "jun": 6, "jul": 7, "aug": 8, "sep": 9,
+               "oct": 10, "nov": 11, "dec": 12, "sun": 0, "mon": 1, "tue": 2, "wed": 3, "thu": 4, "fri": 5,
+               "sat": 6}
+_CRON_ALIASES = {"@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly"}
+_CRON_ITEM = re.compile(r"^(\*|(\w+)(?:-(\w+))?)(?:/(\d+))?$")
+
+
+def cron_error(expr: str) -> str | None:
+    """Why ``expr`` is not a 5-field cron expression (None if it is).
+
+    Uses ``croniter`` where it is importable (the parser Prefect's schedules follow); otherwise checks
+    the syntax and the ranges of the five fields (numbers, names, ``*``, ranges, lists, steps).
+    """
+    try:
+        from croniter import croniter
+    except ImportError:
+        croniter = None
+    if croniter is not None:
+        return None if croniter.is_valid(expr) else f"not a valid cron expression: {expr!r}"
+    if expr.strip().lower() in _CRON_ALIASES:
+        return None
+    fields = expr.split()
+    if len(fields) != 5:
+        return f"cron needs 5 fields (minute hour day-of-month month day-of-week), got {len(fields)} in {expr!r}"
+    for text, (name, low, high) in zip(fields, _CRON_FIELDS, strict=True):
+        for item in text.lower().split(","):
+            m = _CRON_ITEM.match(item)
+            if not m or (m.group(4) is not None and int(m.group(4)) == 0):
+                return f"bad {name} field {text!r} in {expr!r}"
+            for value in (m.group(2), m.group(3)):
+                if value is None:
+                    continue
+                number = int(value) if value.isdigit() else _CRON_NAMES.get(value)
+                if number is None or not low <= number <= high:
+                    return f"{name} {value!r} out of range {low}-{high} in {expr!r}"
+    return None
+
+
+class Flow(Section):
+    retries: NonNegInt = 2  # Prefect retries of a stage that fails (never for exit code 2: bad params)
+    retry_delay_s: NonNegFloat = 10.0  # wait between retries
+    cron: str = "0 3 * * 1"  # `make schedule`: when the retrain flow runs (here Mondays 03:00, local time)
+    accuracy_tolerance: Fraction = 0.002  # challenger may be this much (a fraction) less accurate than champion
+    require_flops_not_higher: bool = True  # ... and, when true, must not use more FLOPs per image
+
+    @field_validator("cron")
+    @classmethod
+    def _valid_cron(cls, value: str) -> str:
+        error = cron_error(value)
+        if error:
+            raise ValueError(error)
+        return value
 
 
 class Params(Section):
@@ -111,10 +201,10 @@ class Params(Section):
     curriculum: Curriculum = Curriculum()
     finetune: Finetune = Finetune()
     evaluate: Evaluate = Evaluate()
-    # Sections owned by the tracking and orchestration layers; validated there, kept as plain data here.
-    tracking: dict[str, Any] = Field(default_factory=dict)
-    flow: dict[str, Any] = Field(default_factory=dict)
-    analyze: dict[str, Any] = Field(default_factory=dict)
+    analyze: Analyze = Analyze()
+    report: Report = Report()
+    tracking: Tracking = Tracking()
+    flow: Flow = Flow()
 
 
 class ParamsError(ValueError):
@@ -174,30 +264,34 @@ def params_sha256(params: Params, keys: list[str] | None = None) -> str:
 
 
 def stage_param_keys(stage: str, dvc_yaml: str | Path = "dvc.yaml") -> list[str] | None:
-    """The params keys a DVC stage depends on, as written in its ``params:`` list (None if unknown).
+    """The params keys a DVC stage depends on, as written in its ``params:`` list (None: all, or unknown).
 
     dvc.yaml is the one place that says which knobs a stage reads; the stage's MLflow params and its
     resume key are derived from the same list, so the three can never disagree.
     """
     try:
-        stages = yaml.safe_load(Path(dvc_yaml).read_text())["stages"]
-        entries = stages[stage].get("params", [])
-    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        spec = yaml.safe_load(Path(dvc_yaml).read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    entry = (spec.get("stages") or {}).get(stage)
+    if not isinstance(entry, dict):
         return None
     keys: list[str] = []
-    for entry in entries:
-        if isinstance(entry, str):
-            keys.append(entry)
-        elif isinstance(entry, dict):  # {params.yaml: [keys]} form
-            for file, names in entry.items():
+    for item in entry.get("params") or []:
+        if isinstance(item, str):
+            keys.append(item)
+        elif isinstance(item, dict):  # {file: [keys]}; other files are not ours
+            for file, sub in item.items():
                 if Path(file).name == "params.yaml":
-                    keys.extend(names or [])
+                    if sub is None:  # `- params.yaml:` alone means the whole file
+                        return None
+                    keys.extend(sub)
     return keys
 
 
 def select_params(params: Params, keys: list[str] | None) -> dict[str, Any]:
     """Dotted params restricted to ``keys`` (a key may name a whole section); all of them if None."""
-    flat = flatten(params.model_dump())
+    flat = {k: v for k, v in flatten(params.model_dump()).items() if v != {}}  # drop empty sections
     if keys is None:
         return flat
     return {k: v for k, v in flat.items() if any(k == p or k.startswith(p + ".") for p in keys)}

@@ -27,6 +27,9 @@ def _atomic(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private (0600); outputs are ordinary files
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -68,6 +71,8 @@ def load_checkpoint(path: str | Path, required: tuple[str, ...] = ()) -> dict[st
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise CheckpointError(f"checkpoint {path} is corrupted or unreadable ({type(e).__name__})") from None
+    if not isinstance(blob, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(blob).__name__}, not a state dict")
     missing = [k for k in required if k not in blob]
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}")

@@ -15,17 +15,21 @@ from blockdrop.data.prepared import Split
 __all__ = ["Normalize", "batches", "random_crop", "random_flip"]
 
 
-def random_crop(images: torch.Tensor, padding: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Pad a (B, C, H, W) batch with zeros by ``padding`` and cut a random H x W window per image."""
-    if padding == 0:
-        return images
+def random_crop(images: torch.Tensor, padding: int, generator: torch.Generator | None = None,
+                size: int = 0) -> torch.Tensor:
+    """Pad a (B, C, H, W) batch with zeros by ``padding`` and cut a random ``size`` x ``size`` window per
+    image (``size`` 0: the input's own H x W)."""
     b, _, h, w = images.shape
-    padded = torch.nn.functional.pad(images, (padding,) * 4)
-    dy, dx = (torch.randint(0, 2 * padding + 1, (b,), generator=generator) for _ in range(2))
-    rows = (dy[:, None] + torch.arange(h))[:, :, None].to(images.device)  # (B, H, 1)
-    cols = (dx[:, None] + torch.arange(w))[:, None, :].to(images.device)  # (B, 1, W)
+    out_h, out_w = (size, size) if size else (h, w)
+    if padding == 0 and (out_h, out_w) == (h, w):
+        return images
+    padded = torch.nn.functional.pad(images, (padding,) * 4) if padding else images
+    dy = torch.randint(0, h + 2 * padding - out_h + 1, (b,), generator=generator)
+    dx = torch.randint(0, w + 2 * padding - out_w + 1, (b,), generator=generator)
+    rows = (dy[:, None] + torch.arange(out_h))[:, :, None].to(images.device)  # (B, H', 1)
+    cols = (dx[:, None] + torch.arange(out_w))[:, None, :].to(images.device)  # (B, 1, W')
     batch = torch.arange(b, device=images.device)[:, None, None]
-    # Advanced indexing around the channel slice gives (B, H, W, C); permuting back yields NCHW
+    # Advanced indexing around the channel slice gives (B, H', W', C); permuting back yields NCHW
     # strides that are already channels_last.
     return padded[batch, :, rows, cols].permute(0, 3, 1, 2)
 
@@ -56,6 +60,7 @@ def batches(
     generator: torch.Generator | None = None,
     shuffle: bool = False,
     crop_padding: int = 0,
+    crop_size: int = 0,
     flip: bool = False,
     limit: int | None = None,
     drop_last: bool = False,
@@ -72,8 +77,8 @@ def batches(
     for start in range(0, stop, batch_size):
         idx = order[start : start + batch_size].to(split.images.device)
         images = split.images[idx]
-        if crop_padding:
-            images = random_crop(images, crop_padding, generator)
+        if crop_padding or crop_size:
+            images = random_crop(images, crop_padding, generator, crop_size)
         if flip:
             images = random_flip(images, generator)
         yield normalize(images), split.labels[idx]

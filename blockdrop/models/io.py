@@ -23,7 +23,7 @@ def _build_backbone(path: Path, blob: dict) -> CifarResNet:
     try:
         model = cifar_resnet(**blob["arch"])
         model.load_state_dict(blob["model"])
-    except (RuntimeError, TypeError, KeyError) as e:
+    except (RuntimeError, TypeError, KeyError, ValueError) as e:
         raise CheckpointError(f"checkpoint {path} does not hold a matching backbone ({e})") from None
     return model
 
@@ -43,7 +43,7 @@ def _build_policy(path: Path, blob: dict) -> CifarResNet:
     try:
         policy = policy_resnet8(blob["num_blocks"], blob["in_channels"])
         policy.load_state_dict(blob["model"])
-    except (RuntimeError, TypeError, KeyError) as e:
+    except (RuntimeError, TypeError, KeyError, ValueError) as e:
         raise CheckpointError(f"checkpoint {path} does not hold a matching policy network ({e})") from None
     return policy
 

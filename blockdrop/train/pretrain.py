@@ -87,7 +87,7 @@ def pretrain_backbone(
         model.train()
         t0, seen, loss_sum, correct = time.perf_counter(), 0, torch.zeros(()), torch.zeros(())
         stream = batches(train, cfg.batch_size, normalize, generator=generator, shuffle=True,
-                         crop_padding=cfg.crop_padding, flip=cfg.flip)
+                         crop_padding=cfg.crop_padding, crop_size=cfg.crop_size, flip=cfg.flip)
         for x, y in tqdm(stream, total=steps_per_epoch, desc=f"pretrain {epoch + 1}/{cfg.epochs}",
                          leave=False, mininterval=5):
             policy = None

@@ -1,0 +1,456 @@
+"""MLflow, in one place: one run per DVC stage, named and tagged the same way everywhere.
+
+A stage does::
+
+    with tracking.stage_run("pretrain", params, data_sha256=meta.data_sha256) as run:
+        run.log_epoch({"train/loss": loss}, step=epoch)
+        run.log_metrics({"test": {"accuracy": 0.9}})      # -> "test/accuracy"
+        run.log_artifacts(["reports/pretrain/metrics.json"])
+        run.tag_outputs(["models/backbone.pt"])           # tag "dvc_md5:models/backbone.pt"
+
+The run logs exactly the params the stage lists in ``dvc.yaml`` (dotted names, as in params.yaml), so
+``dvc exp show`` and the MLflow comparison view have the same columns. This is the only module that
+imports mlflow: the library stays usable without a tracking server.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import numbers
+import os
+import ssl
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+# Set before mlflow is imported: it reads some of these at import time. setdefault, so the user's
+# environment still wins. MLflow's HTTP defaults (7 retries, 120 s timeout each, exponential back-off)
+# turn a server that dies mid-run into a ~20 minute hang; these bound it to about a minute and a half.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+
+_t_import = time.perf_counter()
+import mlflow  # noqa: E402
+from mlflow import MlflowClient  # noqa: E402
+from mlflow.entities import Metric, Param, RunTag  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
+
+_IMPORT_S = time.perf_counter() - _t_import
+
+from blockdrop.config import Params, params_sha256, select_params, stage_param_keys  # noqa: E402
+
+__all__ = [
+    "PARENT_ENV",
+    "TIMES_ENV",
+    "StageRun",
+    "TrackingUnavailable",
+    "dvc_md5",
+    "get_alias_version",
+    "latest_version",
+    "load_registered_model",
+    "log_blockdrop_model",
+    "open_run",
+    "parent_run",
+    "registry_name",
+    "repo_root",
+    "set_alias",
+    "stage_run",
+    "tracking_uri",
+]
+
+PARENT_ENV = "BLOCKDROP_PARENT_RUN_ID"  # set by the Prefect flow; every stage run nests under it
+TIMES_ENV = "BLOCKDROP_TRACKING_TIMES"  # a JSON-lines file: each stage appends the time its tracking took
+REACH_TIMEOUT_S = 3.0
+
+
+class _Clock:
+    """Seconds this process spent in tracking calls (bench/overhead.py reads them via $BLOCKDROP_TRACKING_TIMES)."""
+
+    def __init__(self) -> None:
+        self.total, self.log_model = _IMPORT_S, 0.0
+
+    @contextmanager
+    def __call__(self, model: bool = False) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            dt = time.perf_counter() - t0
+            self.total += dt
+            if model:
+                self.log_model += dt
+
+
+_clock = _Clock()
+
+
+def _timed(method):
+    def wrapper(*args, **kwargs):
+        with _clock():
+            return method(*args, **kwargs)
+
+    wrapper.__name__, wrapper.__doc__, wrapper.__wrapped__ = method.__name__, method.__doc__, method
+    return wrapper
+
+
+def _record_times(stage: str, block_s: float) -> None:
+    path = os.environ.get(TIMES_ENV)
+    if not path:
+        return
+    try:
+        import psutil  # an mlflow dependency
+
+        process_s = time.time() - psutil.Process().create_time()
+    except Exception:
+        process_s = None
+    row = {"stage": stage, "tracking_s": _clock.total, "import_s": _IMPORT_S, "log_model_s": _clock.log_model,
+           "run_block_s": block_s, "process_s": process_s}
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking server does not answer; the message is one line naming its URI."""
+
+
+# ---------------------------------------------------------------------------------------------- where
+
+
+def _git(*args: str, cwd: Path | None = None) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], check=False, cwd=cwd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _find_up(start: Path, name: str) -> Path | None:
+    """The nearest folder at or above ``start`` that holds ``name``."""
+    for folder in (start, *start.parents):
+        if (folder / name).exists():
+            return folder
+    return None
+
+
+def repo_root() -> Path:
+    """The workspace that owns ``mlflow.db``, the same for ``dvc repro`` and for ``dvc exp run``.
+
+    ``dvc exp run --temp`` and queued experiments run in a copy under ``<root>/.dvc/tmp/exps/``, and git
+    worktrees are copies too; runs from any copy must land in the one database of the real workspace.
+    """
+    for var in ("BLOCKDROP_ROOT", "DVC_ROOT"):  # DVC sets DVC_ROOT to the workspace, even for temp copies
+        if os.environ.get(var):
+            return Path(os.environ[var]).resolve()
+    cwd = Path.cwd().resolve()
+    parts = cwd.parts
+    for i in range(len(parts) - 2):
+        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    project = _find_up(cwd, "dvc.yaml") or cwd
+    git = _git("rev-parse", "--path-format=absolute", "--git-common-dir", "--show-toplevel", cwd=project)
+    if git and len(git.splitlines()) == 2:
+        common, top = map(Path, git.splitlines())
+        # In a worktree the common dir is the main checkout's .git; in a submodule it is not named .git.
+        main = common.parent if common.name == ".git" else top
+        if project.is_relative_to(top):
+            return main / project.relative_to(top)
+    return project
+
+
+def tracking_uri() -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else a SQLite file in the repo root."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / 'mlflow.db'}"
+
+
+def _artifact_location(uri: str) -> str | None:
+    """Artifacts of a SQLite store go next to the database (not in ``./mlruns`` of a temp copy)."""
+    if not uri.startswith("sqlite:///"):
+        return None  # a server chooses its own artifact store
+    db = Path(uri.removeprefix("sqlite:///")).resolve()
+    return (db.parent / "mlartifacts").as_uri()
+
+
+def _check_reachable(uri: str, timeout: float = REACH_TIMEOUT_S) -> None:
+    """Fail in seconds, with one clear line, instead of after MLflow's retries."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return  # it answered (401, 404 behind a proxy...): reachable
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        if isinstance(reason, ssl.SSLError):
+            return  # it answered; MLFLOW_TRACKING_INSECURE_TLS may let mlflow accept the certificate
+        raise TrackingUnavailable(
+            f"MLflow tracking server {uri} is unreachable ({reason}); start it or set MLFLOW_TRACKING_URI"
+        ) from None
+
+
+def _experiment_id(client: MlflowClient, name: str, uri: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=_artifact_location(uri))
+    except MlflowException:
+        # Two stages racing to create it: the loser reads the winner's.
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def _connect(params: Params) -> tuple[MlflowClient, str]:
+    uri = tracking_uri()
+    _check_reachable(uri)
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    return client, _experiment_id(client, params.tracking.experiment, uri)
+
+
+# --------------------------------------------------------------------------------------------- params
+
+
+def _stage_params(stage: str, params: Params) -> tuple[dict[str, Any], list[str] | None]:
+    # The dvc.yaml of the code being run (a temp copy may differ from the workspace), else the root's.
+    project = _find_up(Path.cwd(), "dvc.yaml") or repo_root()
+    keys = stage_param_keys(stage, project / "dvc.yaml")
+    return select_params(params, keys), keys
+
+
+# ------------------------------------------------------------------------------------------------ run
+
+
+def dvc_md5(path: str | Path) -> str:
+    """The md5 DVC 3 records for ``path``: plain md5 of a file; for a folder, md5 of its listing + ".dir"."""
+    path = Path(path)
+    if path.is_file():
+        h = hashlib.md5()
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        return h.hexdigest()
+    listing = sorted(
+        (
+            {"md5": dvc_md5(p), "relpath": p.relative_to(path).as_posix()}
+            for p in path.rglob("*")
+            if p.is_file()
+        ),
+        key=lambda d: d["relpath"],
+    )
+    return hashlib.md5(json.dumps(listing, sort_keys=True).encode()).hexdigest() + ".dir"
+
+
+def _metric_items(tree: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, float]]:
+    """``{"test": {"accuracy": .9}}`` -> ``("test/accuracy", .9)``; non-numbers (lists, strings) skipped."""
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            yield from _metric_items(value, f"{prefix}{key}/")
+        elif isinstance(value, numbers.Real):
+            yield f"{prefix}{key}", float(value)
+
+
+class StageRun:
+    """The handle a stage logs through; every call names the run explicitly (no global state)."""
+
+    def __init__(self, client: MlflowClient, run_id: str):
+        self.client, self.run_id = client, run_id
+
+    @_timed
+    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        """Log (nested) metrics; nested keys are joined with "/"."""
+        ts = int(time.time() * 1000)
+        batch = [Metric(k, v, ts, step or 0) for k, v in _metric_items(metrics)]
+        self.client.log_batch(self.run_id, metrics=batch)
+
+    @_timed
+    def log_epoch(self, metrics: Mapping[str, Any], step: int) -> None:
+        """One epoch's metrics, with the epoch as the step (so MLflow plots them as curves)."""
+        self.log_metrics(metrics, step=step)
+
+    @_timed
+    def log_artifacts(self, paths: Iterable[str | Path]) -> None:
+        """Upload files or folders, keeping their relative folder (``reports/pretrain/metrics.json``)."""
+        for path in map(Path, paths):
+            inside = not path.is_absolute() and ".." not in path.parts
+            if path.is_dir():
+                self.client.log_artifacts(self.run_id, str(path), path.as_posix() if inside else path.name)
+            else:
+                folder = path.parent.as_posix() if inside and path.parent != Path(".") else None
+                self.client.log_artifact(self.run_id, str(path), folder)
+
+    @_timed
+    def tag_outputs(self, paths: Iterable[str | Path]) -> dict[str, str]:
+        """Tag ``dvc_md5:<path>`` with the md5 DVC will record, linking this run to a ``dvc.lock``."""
+        tags = {f"dvc_md5:{Path(p).as_posix()}": dvc_md5(p) for p in paths}
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, value)
+        return tags
+
+    @_timed
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    @_timed
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        self.client.log_batch(self.run_id, params=[Param(k, str(v)) for k, v in params.items()])
+
+    @_timed
+    def log_json(self, obj: Any, artifact_file: str) -> None:
+        """``obj`` as a JSON artifact at ``artifact_file`` (e.g. ``"flow/stages.json"``)."""
+        self.client.log_dict(self.run_id, obj, artifact_file)
+
+
+def open_run(run_id: str) -> StageRun:
+    """A handle on an existing run (the flow's parent run, to record what its stages did)."""
+    return StageRun(MlflowClient(tracking_uri()), run_id)
+
+
+def _base_tags(stage: str) -> dict[str, str]:
+    tags = {"stage": stage, "git_commit": _git("rev-parse", "HEAD") or "unknown"}
+    if os.environ.get("DVC_EXP_NAME"):
+        tags["dvc_exp"] = os.environ["DVC_EXP_NAME"]
+    return tags
+
+
+@contextmanager
+def stage_run(stage: str, params: Params, data_sha256: str | None = None) -> Iterator[StageRun]:
+    """One MLflow run named ``stage``, nested under ``$BLOCKDROP_PARENT_RUN_ID`` when the flow set it.
+
+    Raises :class:`TrackingUnavailable` before any work if the server is down. An exception inside the
+    block marks the run FAILED and propagates.
+    """
+    t0 = time.perf_counter()
+    with _clock():
+        client, experiment_id = _connect(params)
+        flat, keys = _stage_params(stage, params)
+        tags = _base_tags(stage) | {"params_sha256": params_sha256(params, keys)}
+        if data_sha256:
+            tags["data_sha256"] = data_sha256
+        # mlflow 3 accepts a parent that is not active in this process: it checks the run exists and sets
+        # the mlflow.parentRunId tag. nested=True covers the in-process case (a caller's run is active).
+        active = mlflow.start_run(
+            experiment_id=experiment_id,
+            run_name=stage,
+            parent_run_id=os.environ.get(PARENT_ENV) or None,
+            nested=mlflow.active_run() is not None,
+            tags=tags,
+            log_system_metrics=True,  # CPU/GPU/memory every 10 s; mlflow logs and swallows monitor errors
+        )
+        run = StageRun(client, active.info.run_id)
+        if flat:
+            client.log_batch(run.run_id, params=[Param(k, str(v)) for k, v in flat.items()])
+    status = "FAILED"
+    try:
+        yield run
+        status = "FINISHED"
+    finally:
+        current = mlflow.active_run()
+        if current is not None and current.info.run_id == run.run_id:  # the block may have ended it
+            with _clock():
+                mlflow.end_run(status)
+        _record_times(stage, time.perf_counter() - t0)
+
+
+@contextmanager
+def parent_run(name: str, params: Params) -> Iterator[str]:
+    """A run for a whole flow; stage runs started (even in subprocesses) inside it nest under it.
+
+    Itself nested under the active run, or under ``$BLOCKDROP_PARENT_RUN_ID``: the retrain flow's run holds
+    the pipeline flow's run, which holds the stage runs.
+    """
+    _, experiment_id = _connect(params)
+    previous = os.environ.get(PARENT_ENV)
+    outer = mlflow.active_run()
+    with mlflow.start_run(
+        experiment_id=experiment_id,
+        run_name=name,
+        tags=_base_tags(name),
+        nested=outer is not None,
+        parent_run_id=None if outer is not None else previous or None,
+    ) as active:
+        os.environ[PARENT_ENV] = active.info.run_id  # inherited by `dvc repro` and its stages
+        try:
+            yield active.info.run_id
+        finally:
+            if previous is None:
+                os.environ.pop(PARENT_ENV, None)
+            else:
+                os.environ[PARENT_ENV] = previous
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+
+def registry_name(dataset: str, depth: int) -> str:
+    """``("fashion-mnist", 32)`` -> ``"blockdrop-fashion-mnist-resnet32"``."""
+    return f"blockdrop-{dataset}-resnet{depth}"
+
+
+def log_blockdrop_model(model: Any, input_example: Any, registered_name: str, **kwargs: Any) -> int:
+    """Log ``model`` to the active run, register it, and point the alias ``challenger`` at the new version.
+
+    Pickle, not mlflow 3's default "pt2" (torch.export): BlockDrop skips blocks per image, data-dependent
+    control flow that export cannot trace, and export fixes the batch size to the example's when it is 1.
+    Pinned requirements skip MLflow's slow requirement inference and make serving match training.
+    Extra ``kwargs`` go to ``mlflow.pytorch.log_model`` (e.g. ``code_paths=["blockdrop"]``, so the
+    pickled classes import where the model is served).
+    """
+    with _clock(model=True):
+        import mlflow.pytorch
+
+        pins = [f"{pkg}=={version(pkg)}" for pkg in ("torch", "torchvision", "numpy", "cloudpickle")]
+        kwargs = {"serialization_format": "pickle", "pip_requirements": pins} | kwargs
+        info = mlflow.pytorch.log_model(
+            model, name="model", input_example=input_example, registered_model_name=registered_name, **kwargs
+        )
+        MlflowClient().set_registered_model_alias(registered_name, "challenger", info.registered_model_version)
+        return int(info.registered_model_version)
+
+
+def _client() -> MlflowClient:
+    uri = tracking_uri()
+    _check_reachable(uri)
+    return MlflowClient(uri)
+
+
+def latest_version(name: str) -> int | None:
+    """The highest version of registered model ``name`` (None: no such model, or no version yet)."""
+    try:
+        versions = _client().search_model_versions(f"name = '{name}'")
+    except MlflowException:
+        return None
+    return max((int(v.version) for v in versions), default=None)
+
+
+def get_alias_version(name: str, alias: str) -> int | None:
+    """The version ``alias`` (``"champion"``, ``"challenger"``) points at, or None if it is not set."""
+    try:
+        return int(_client().get_model_version_by_alias(name, alias).version)
+    except MlflowException:  # RESOURCE_DOES_NOT_EXIST for the model or the alias
+        return None
+
+
+def set_alias(name: str, alias: str, version: int) -> None:
+    """Point ``alias`` at ``version`` (moving it if it pointed elsewhere)."""
+    _client().set_registered_model_alias(name, alias, str(version))
+
+
+def load_registered_model(name: str, version: int | str) -> Any:
+    """The PyTorch model of ``name`` at ``version`` (a number, or an alias such as ``"champion"``)."""
+    import mlflow.pytorch
+
+    ref = f"models:/{name}/{version}" if str(version).isdigit() else f"models:/{name}@{version}"
+    uri = tracking_uri()
+    _check_reachable(uri)
+    mlflow.set_tracking_uri(uri)
+    return mlflow.pytorch.load_model(ref, map_location="cpu")

@@ -1,0 +1,260 @@
+"""blockdrop.config: every mistake in params.yaml stops a stage with the key's dotted name."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from blockdrop.config import (
+    Params,
+    ParamsError,
+    flatten,
+    load_params,
+    params_sha256,
+    parse_params,
+    select_params,
+    stage_param_keys,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+REPO_PARAMS = REPO / "params.yaml"
+
+
+def repo_params() -> dict:
+    return yaml.safe_load(REPO_PARAMS.read_text())
+
+
+def merged(snippet: str) -> dict:
+    """The repo's params.yaml with the YAML ``snippet`` deep-merged over it."""
+
+    def merge(base: dict, over: dict) -> dict:
+        out = copy.deepcopy(base)
+        for k, v in over.items():
+            out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        return out
+
+    return merge(repo_params(), yaml.safe_load(snippet))
+
+
+# (YAML snippet merged into the repo's params.yaml, the dotted key the message must name)
+MISTAKES = [
+    ("colour: red", "colour"),  # unknown top-level key
+    ("pretrain: {epochz: 3}", "pretrain.epochz"),  # misspelt nested key
+    ("pretrain: {epochs: '5'}", "pretrain.epochs"),  # a string is not an int
+    ("pretrain: {epochs: 5.0}", "pretrain.epochs"),  # nor is a float
+    ("pretrain: {flip: 1}", "pretrain.flip"),  # 1 is not a bool
+    ("finetune: {lr: fast}", "finetune.lr"),
+    ("pretrain: {epochs: 0}", "pretrain.epochs"),  # must be positive
+    ("curriculum: {alpha: 0.4}", "curriculum.alpha"),  # alpha <= 0.5 would invert the policy
+    ("curriculum: {alpha: 1.5}", "curriculum.alpha"),
+    ("pretrain: {label_smoothing: 1.0}", "pretrain.label_smoothing"),
+    ("data: {val_size: -1}", "data.val_size"),
+    ("data: {source: mnist}", "data.source"),
+    ("precision: fp16", "precision"),
+    ("finetune: {pg_reduction: max}", "finetune.pg_reduction"),
+    ("model: {depth: 2}", "model.depth"),  # below the smallest ResNet
+    ("evaluate: {batch_size: 0}", "evaluate.batch_size"),
+    ("curriculum: {penalty: -1.0}", "curriculum.penalty"),
+    ("seed: -3", "seed"),
+    ("data: {raw_dir: 5}", "data.raw_dir"),
+]
+
+
+@pytest.mark.parametrize(("snippet", "key"), MISTAKES, ids=[k + ":" + s for s, k in MISTAKES])
+def test_parse_params_names_the_dotted_key(snippet: str, key: str) -> None:
+    with pytest.raises(ParamsError) as info:
+        parse_params(merged(snippet))
+    message = str(info.value)
+    assert "\n" not in message
+    # The message starts with the key (one mistake), so "pretrain.epochs" is not matched by "epochs" alone.
+    assert message.startswith(f"{key}:"), message
+
+
+def test_bad_depth_names_model_depth() -> None:
+    with pytest.raises(ParamsError) as info:
+        parse_params(merged("model: {depth: 33}"))
+    assert "model.depth" in str(info.value)
+
+
+def test_bad_depth_is_rejected_with_the_6n_plus_2_rule() -> None:
+    # What holds today: depth 33 is refused, the message says why and which section.
+    with pytest.raises(ParamsError, match=r"^model\b.*6n\+2.*33"):
+        parse_params(merged("model: {depth: 33}"))
+
+
+@pytest.mark.parametrize("depth", [8, 20, 32, 56, 110])
+def test_valid_depths(depth: int) -> None:
+    assert parse_params(merged(f"model: {{depth: {depth}}}")).model.depth == depth
+
+
+def test_two_mistakes_are_both_reported_on_one_line() -> None:
+    with pytest.raises(ParamsError) as info:
+        parse_params(merged("pretrain: {epochs: 0}\ncurriculum: {alpha: 0.4}"))
+    message = str(info.value)
+    assert "pretrain.epochs" in message and "curriculum.alpha" in message and "\n" not in message
+
+
+def test_unknown_key_message_says_unknown() -> None:
+    with pytest.raises(ParamsError, match=r"^pretrain\.epochz: unknown key$"):
+        parse_params(merged("pretrain: {epochz: 3}"))
+
+
+def test_strict_types_accept_the_right_ones() -> None:
+    p = parse_params(merged("finetune: {lr: 1}\npretrain: {flip: false, epochs: 7}"))
+    assert p.finetune.lr == 1.0 and p.pretrain.flip is False and p.pretrain.epochs == 7
+
+
+def test_params_are_frozen() -> None:
+    p = parse_params({})
+    with pytest.raises(Exception):  # noqa: B017 (pydantic's ValidationError on a frozen model)
+        p.seed = 1  # type: ignore[misc]
+
+
+def test_empty_mapping_gives_the_defaults() -> None:
+    p = parse_params({})
+    assert p == Params()
+    assert (p.model.depth, p.data.source, p.curriculum.alpha) == (32, "fashion-mnist", 0.8)
+
+
+def test_repo_params_yaml_loads() -> None:
+    p = load_params(REPO_PARAMS)
+    raw = repo_params()
+    assert p.model.depth == raw["model"]["depth"]
+    assert p.data.source == raw["data"]["source"]
+    assert p.finetune.penalty == raw["finetune"]["penalty"]
+    # Every key written in params.yaml is a field: nothing was silently dropped.
+    written = flatten(raw)
+    loaded = flatten(p.model_dump())
+    assert {k: loaded[k] for k in written} == written
+
+
+def test_load_params_bad_file_exits_2_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(merged("curriculum: {alpha: 1.5}")))
+    with pytest.raises(SystemExit) as info:
+        load_params(path)
+    assert info.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "curriculum.alpha" in lines[0] and str(path) in lines[0]
+
+
+def test_load_params_can_raise_instead(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text("pretrain: {epochs: 0}\n")
+    with pytest.raises(ParamsError, match=r"pretrain\.epochs"):
+        load_params(path, exit_on_error=False)
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("pretrain: {epochs: [1\n", "cannot read"),  # broken YAML
+    ("- 1\n- 2\n", "top level must be a mapping"),
+])
+def test_load_params_unreadable(tmp_path: Path, capsys: pytest.CaptureFixture, text: str, expected: str) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    with pytest.raises(SystemExit) as info:
+        load_params(path)
+    assert info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0]
+
+
+def test_load_params_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as info:
+        load_params(tmp_path / "nope.yaml")
+    assert info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "nope.yaml" in lines[0]
+
+
+def test_empty_file_gives_defaults(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text("")
+    assert load_params(path) == Params()
+
+
+def test_flatten() -> None:
+    tree = {"a": {"b": 1, "c": {"d": 2}}, "e": {}, "f": 3, "g": [1, 2]}
+    assert flatten(tree) == {"a.b": 1, "a.c.d": 2, "e": {}, "f": 3, "g": [1, 2]}
+    assert flatten({"x": {"y": 1}}, "p.") == {"p.x.y": 1}
+
+
+DVC_YAML = {
+    "stages": {
+        "pretrain": {
+            "cmd": "python -m pipelines.pretrain",
+            "params": ["seed", "model", "pretrain.epochs", {"params.yaml": ["pretrain.lr"]},
+                       {"other.yaml": ["ignored.key"]}],
+        },
+        "bare": {"cmd": "true"},
+    }
+}
+
+
+def test_stage_param_keys(tmp_path: Path) -> None:
+    dvc_yaml = tmp_path / "dvc.yaml"
+    dvc_yaml.write_text(yaml.safe_dump(DVC_YAML))
+    assert stage_param_keys("pretrain", dvc_yaml) == ["seed", "model", "pretrain.epochs", "pretrain.lr"]
+    assert stage_param_keys("bare", dvc_yaml) == []
+    assert stage_param_keys("nope", dvc_yaml) is None
+    assert stage_param_keys("pretrain", tmp_path / "missing.yaml") is None
+
+
+def test_stage_param_keys_reads_cwd_by_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump(DVC_YAML))
+    monkeypatch.chdir(tmp_path)
+    assert stage_param_keys("pretrain") == ["seed", "model", "pretrain.epochs", "pretrain.lr"]
+
+
+def test_repo_dvc_yaml_keys_are_real_params() -> None:
+    # Every key a stage of the repo's dvc.yaml declares selects at least one param.
+    params = load_params(REPO_PARAMS)
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    for name in stages:
+        for key in stage_param_keys(name, REPO / "dvc.yaml") or []:
+            assert select_params(params, [key]), f"stage {name}: params key {key!r} selects nothing"
+
+
+def test_select_params() -> None:
+    p = parse_params(merged("seed: 4\npretrain: {epochs: 9}"))
+    selected = select_params(p, ["seed", "model", "pretrain.epochs", "pretrain.lr"])
+    assert selected == {"seed": 4, "model.depth": 32, "pretrain.epochs": 9, "pretrain.lr": p.pretrain.lr}
+    # A key is a whole name or a section: "pretrain.epoch" selects nothing.
+    assert select_params(p, ["pretrain.epoch"]) == {}
+    assert select_params(p, []) == {}
+    everything = select_params(p, None)
+    assert everything["finetune.pg_reduction"] == "mean" and everything["data.source"] == "fashion-mnist"
+    assert set(select_params(p, ["pretrain"])) == {k for k in everything if k.startswith("pretrain.")}
+
+
+def test_params_sha256_depends_only_on_selected_keys() -> None:
+    a = parse_params({})
+    b = parse_params({"finetune": {"penalty": 9.0}})
+    keys = ["seed", "pretrain"]
+    assert params_sha256(a, keys) == params_sha256(b, keys)
+    assert params_sha256(a) != params_sha256(b)
+    assert params_sha256(a, ["finetune"]) != params_sha256(b, ["finetune"])
+    assert len(params_sha256(a)) == 64
+
+
+def test_prepare_stage_refuses_bad_params_before_writing(tmp_path: Path) -> None:
+    raw = repo_params()
+    raw["data"]["val_size"] = -5
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    proc = subprocess.run([sys.executable, "-m", "pipelines.prepare"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "data.val_size" in lines[0]
+    assert not (tmp_path / "data" / "prepared").exists()
+    assert not (tmp_path / "data").exists()

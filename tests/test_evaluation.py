@@ -1,0 +1,71 @@
+"""blockdrop.evaluation: the heuristics' action tables and the metrics, on hand-made examples."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from blockdrop.evaluation import firstk_actions, per_class_table, randomk_actions, variant_metrics
+
+
+def test_firstk_actions() -> None:
+    a = firstk_actions(3, 5, 2)
+    assert a.tolist() == [[1, 1, 0, 0, 0]] * 3 and a.dtype == torch.float32
+    assert firstk_actions(2, 4, 0).tolist() == [[0] * 4] * 2
+    assert firstk_actions(2, 4, 4).tolist() == [[1] * 4] * 2
+    a[0, 4] = 1  # a real tensor, not a view of one row
+    assert a[1, 4] == 0
+
+
+def test_randomk_actions() -> None:
+    a = randomk_actions(50, 15, 7, torch.Generator().manual_seed(0))
+    assert a.shape == (50, 15) and set(a.unique().tolist()) == {0.0, 1.0}
+    assert a.sum(1).tolist() == [7.0] * 50  # exactly k per row
+    assert len({tuple(r) for r in a.tolist()}) > 40  # rows differ
+    assert torch.equal(a, randomk_actions(50, 15, 7, torch.Generator().manual_seed(0)))
+    assert not torch.equal(a, randomk_actions(50, 15, 7, torch.Generator().manual_seed(1)))
+    assert randomk_actions(3, 4, 0, torch.Generator().manual_seed(0)).sum() == 0
+    assert randomk_actions(3, 4, 4, torch.Generator().manual_seed(0)).sum() == 12
+
+
+def test_randomk_is_uniform_over_blocks() -> None:
+    a = randomk_actions(3000, 10, 3, torch.Generator().manual_seed(0))
+    # each block is chosen with probability k/K = 0.3; std of the frequency over 3000 rows is 0.008
+    torch.testing.assert_close(a.mean(0), torch.full((10,), 0.3), atol=0.03, rtol=0)
+
+
+def test_variant_metrics_by_hand() -> None:
+    correct = torch.tensor([True, False, True, True])
+    actions = torch.tensor([[1.0, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 0], [0, 1, 0, 1]])  # 2, 1, 3, 2 blocks
+    flops = torch.tensor([10.0, 20.0, 30.0, 40.0])
+    m = variant_metrics(correct, actions, flops)
+    assert m["accuracy"] == pytest.approx(0.75)
+    assert m["blocks_mean"] == pytest.approx(2.0)
+    assert m["blocks_std"] == pytest.approx(math.sqrt((0 + 1 + 1 + 0) / 4))  # population std
+    assert m["block_fraction"] == pytest.approx(0.5)
+    assert m["flops_mean"] == pytest.approx(25.0)
+    assert m["flops_std"] == pytest.approx(math.sqrt((225 + 25 + 25 + 225) / 4))
+    assert set(m) == {"accuracy", "blocks_mean", "blocks_std", "block_fraction", "flops_mean", "flops_std"}
+    assert all(isinstance(v, float) for v in m.values())
+
+
+def test_per_class_table_by_hand() -> None:
+    per_image = pd.DataFrame({
+        "label": [0, 2, 0, 2, 2, 0],
+        "correct": [True, True, False, True, False, True],
+        "full_correct": [True, True, True, False, True, True],
+        "blocks": [4, 6, 2, 8, 10, 3],
+    })
+    table = per_class_table(per_image, ["cat", "dog", "emu"])
+    assert table["label"].tolist() == [0, 2]  # only classes that occur
+    assert table["class"].tolist() == ["cat", "emu"]
+    assert list(table.columns[:2]) == ["label", "class"]
+    assert table["images"].tolist() == [3, 3]
+    assert table["accuracy"].tolist() == pytest.approx([2 / 3, 2 / 3])
+    assert table["full_accuracy"].tolist() == pytest.approx([1.0, 2 / 3])
+    assert table["blocks_mean"].tolist() == pytest.approx([3.0, 8.0])
+    # pandas' std: the sample std (n - 1), unlike variant_metrics' population std
+    assert table["blocks_std"].tolist() == pytest.approx([1.0, 2.0])

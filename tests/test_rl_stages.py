@@ -1,0 +1,90 @@
+"""The RL stages on tiny data: deterministic for a seed, and a resumed run equals an unbroken one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from blockdrop.config import Curriculum, Finetune
+from blockdrop.data import Normalize, Split
+from blockdrop.models import cifar_resnet, policy_resnet8
+from blockdrop.train.curriculum import train_curriculum
+from blockdrop.train.finetune import finetune_jointly
+
+K = 6  # ResNet-20 has 9 blocks; ResNet-14 has 6
+
+
+class Interrupt(Exception):
+    pass
+
+
+def tiny_split(n: int, seed: int) -> Split:
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 10, (n,), generator=g)
+    images = torch.randint(0, 60, (n, 1, 16, 16), generator=g, dtype=torch.uint8)
+    for i, c in enumerate(labels.tolist()):  # a class-dependent bar, so accuracy is not all chance
+        images[i, 0, c : c + 3, 2:14] = 220
+    return Split(images, labels)
+
+
+def models() -> tuple[torch.nn.Module, torch.nn.Module]:
+    torch.manual_seed(0)
+    return cifar_resnet(14, 10, 1), policy_resnet8(K, 1)
+
+
+def run_curriculum(state: Path, interrupt_after: int | None = None) -> list[dict]:
+    backbone, policy = models()
+    cfg = Curriculum(epochs=3, images_per_epoch=64, batch_size=32, crop_padding=2)
+
+    def on_epoch(row: dict) -> None:
+        if interrupt_after is not None and row["epoch"] == interrupt_after:
+            raise Interrupt
+
+    return train_curriculum(backbone, policy, tiny_split(96, 1), tiny_split(40, 2), Normalize([0.2], [0.3], "cpu"),
+                            cfg, torch.Generator().manual_seed(0), "fp32", state, "key", on_epoch)
+
+
+def run_finetune(state: Path, interrupt_after: int | None = None) -> list[dict]:
+    backbone, policy = models()
+
+    def on_epoch(row: dict) -> None:
+        if interrupt_after is not None and row["epoch"] == interrupt_after:
+            raise Interrupt
+
+    cfg = Finetune(epochs=2, images_per_epoch=64, batch_size=32, crop_padding=2)
+    return finetune_jointly(backbone, policy, tiny_split(96, 1), tiny_split(40, 2), Normalize([0.2], [0.3], "cpu"),
+                            cfg, torch.Generator().manual_seed(0), "fp32", state, "key", on_epoch)
+
+
+@pytest.mark.parametrize("run", [run_curriculum, run_finetune], ids=["curriculum", "finetune"])
+def test_same_seed_same_history(run, tmp_path: Path) -> None:
+    first, second = run(tmp_path / "a.pt"), run(tmp_path / "b.pt")
+    assert first == second  # bit-for-bit: every reward, accuracy and block count
+
+
+@pytest.mark.parametrize("run", [run_curriculum, run_finetune], ids=["curriculum", "finetune"])
+def test_resume_after_interruption_matches_unbroken_run(run, tmp_path: Path) -> None:
+    unbroken = run(tmp_path / "unbroken.pt")
+    state = tmp_path / "state.pt"
+    with pytest.raises(Interrupt):
+        run(state, interrupt_after=1)
+    assert torch.load(state, weights_only=True)["epoch"] == 1  # the epoch that finished was saved
+    assert run(state) == unbroken
+
+
+def test_state_of_other_params_is_not_resumed(tmp_path: Path) -> None:
+    state = tmp_path / "state.pt"
+    run_curriculum(state)
+    torch.save({**torch.load(state, weights_only=True), "run_key": "other params"}, state)
+    assert [r["epoch"] for r in run_curriculum(state)] == [1, 2, 3]  # started over
+
+
+def test_curriculum_unlocks_one_block_per_epoch(tmp_path: Path) -> None:
+    history = run_curriculum(tmp_path / "s.pt")
+    assert [r["unlocked_blocks"] for r in history] == [1, 2, 3]
+    # forced-on blocks count as used: at least K - unlocked blocks run on every image
+    for row in history:
+        assert row["train/blocks"] >= K - row["unlocked_blocks"]
+        assert row["val/blocks_mean"] >= K - row["unlocked_blocks"]

@@ -1,0 +1,234 @@
+"""blockdrop.tracking against a throw-away SQLite store (no server, no training)."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import socket
+import subprocess
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from blockdrop import config, tracking
+from blockdrop.config import Params, params_sha256
+
+DVC_YAML = {
+    "stages": {
+        "pretrain": {
+            "cmd": "python -m pipelines.pretrain",
+            "params": ["seed", "model", "pretrain.epochs", {"params.yaml": ["pretrain.lr"]}],
+        },
+        "bare": {"cmd": "true"},
+    }
+}
+
+
+@pytest.fixture(scope="session")
+def template_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # Creating an MLflow database runs its migrations (seconds); do it once and copy it per test.
+    db = tmp_path_factory.mktemp("template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{db}").search_experiments()
+    return db
+
+
+@pytest.fixture
+def store(tmp_path: Path, template_db: Path, monkeypatch: pytest.MonkeyPatch) -> MlflowClient:
+    """A fresh store in tmp_path, cwd = a project folder with a small dvc.yaml, clean environment."""
+    for var in (tracking.PARENT_ENV, "DVC_EXP_NAME", "DVC_ROOT"):
+        monkeypatch.delenv(var, raising=False)
+    shutil.copy(template_db, tmp_path / "mlflow.db")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("BLOCKDROP_ROOT", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump(DVC_YAML))
+    return MlflowClient(uri)
+
+
+def _write(path: str, text: str) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(text)
+
+
+def test_stage_run_logs_params_tags_metrics_artifacts(store: MlflowClient, monkeypatch) -> None:
+    monkeypatch.setenv("DVC_EXP_NAME", "brisk-lamb")
+    params = Params()
+    _write("reports/pretrain/metrics.json", '{"test": {"accuracy": 0.9}}')
+    _write("reports/pretrain/history.csv", "epoch,loss\n0,1.0\n")
+    _write("models/backbone.pt", "weights")
+    with tracking.stage_run("pretrain", params, data_sha256="abc") as run:
+        for epoch in range(3):
+            run.log_epoch({"train/loss": 1.0 / (epoch + 1), "val/accuracy": 0.5}, step=epoch)
+        run.log_metrics({"test": {"accuracy": 0.9, "classes": ["a", "b"]}, "train": {"epochs": 3}})
+        run.log_artifacts(["reports/pretrain/history.csv", "reports/pretrain/metrics.json"])
+        tags = run.tag_outputs(["models/backbone.pt"])
+
+    got = store.get_run(run.run_id)
+    assert got.info.status == "FINISHED" and got.info.run_name == "pretrain"
+    assert store.get_experiment(got.info.experiment_id).name == "blockdrop"
+    # Exactly the stage's dvc.yaml keys, sections expanded to their leaves, values as strings.
+    assert got.data.params == {"seed": "0", "model.depth": "32", "pretrain.epochs": "5", "pretrain.lr": "0.2"}
+    keys = ["seed", "model", "pretrain.epochs", "pretrain.lr"]
+    assert got.data.tags["params_sha256"] == params_sha256(params, keys)
+    assert got.data.tags["stage"] == "pretrain"
+    assert got.data.tags["data_sha256"] == "abc"
+    assert got.data.tags["dvc_exp"] == "brisk-lamb"
+    assert got.data.tags["git_commit"]  # a hash, or "unknown" outside git
+    assert "mlflow.parentRunId" not in got.data.tags
+    md5 = hashlib.md5(b"weights").hexdigest()
+    assert tags == {"dvc_md5:models/backbone.pt": md5} and got.data.tags["dvc_md5:models/backbone.pt"] == md5
+
+    history = store.get_metric_history(run.run_id, "train/loss")
+    assert [(m.step, m.value) for m in history] == [(0, 1.0), (1, 0.5), (2, pytest.approx(1 / 3))]
+    assert got.data.metrics["test/accuracy"] == 0.9 and got.data.metrics["train/epochs"] == 3
+    assert "test/classes" not in got.data.metrics
+    listed = {a.path for a in store.list_artifacts(run.run_id, "reports/pretrain")}
+    assert listed == {"reports/pretrain/history.csv", "reports/pretrain/metrics.json"}
+
+
+def test_all_params_without_a_stage_entry(store: MlflowClient) -> None:
+    params = Params(tracking={"experiment": "other"})
+    with tracking.stage_run("missing", params) as run:
+        pass
+    got = store.get_run(run.run_id)
+    assert store.get_experiment(got.info.experiment_id).name == "other"
+    assert {"seed", "finetune.penalty", "tracking.experiment", "data.source"} <= set(got.data.params)
+    assert got.data.tags["params_sha256"] == params_sha256(params)
+    with tracking.stage_run("bare", params) as run:  # in dvc.yaml, without params: logs none
+        pass
+    assert store.get_run(run.run_id).data.params == {}
+
+
+def test_nests_under_parent_from_env(store: MlflowClient, monkeypatch) -> None:
+    # The flow's parent run lives in another process: here it is created and closed by the client.
+    exp = store.create_experiment("blockdrop")
+    parent = store.create_run(exp, run_name="flow").info.run_id
+    store.set_terminated(parent)
+    monkeypatch.setenv(tracking.PARENT_ENV, parent)
+    with tracking.stage_run("pretrain", Params()) as run:
+        pass
+    assert store.get_run(run.run_id).data.tags["mlflow.parentRunId"] == parent
+
+
+def test_parent_run_sets_env_for_stages(store: MlflowClient) -> None:
+    with tracking.parent_run("flow", Params()) as parent:
+        assert tracking.os.environ[tracking.PARENT_ENV] == parent
+        with tracking.stage_run("pretrain", Params()) as run:
+            pass
+    assert tracking.PARENT_ENV not in tracking.os.environ
+    assert store.get_run(run.run_id).data.tags["mlflow.parentRunId"] == parent
+
+
+def test_exception_marks_run_failed(store: MlflowClient) -> None:
+    with pytest.raises(RuntimeError, match="boom"), tracking.stage_run("pretrain", Params()) as run:
+        raise RuntimeError("boom")
+    assert store.get_run(run.run_id).info.status == "FAILED"
+
+
+def test_unreachable_server_fails_fast(store: MlflowClient, monkeypatch) -> None:
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    uri = f"http://127.0.0.1:{port}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    start = time.monotonic()
+    with pytest.raises(tracking.TrackingUnavailable, match=uri) as err, tracking.stage_run("x", Params()):
+        pytest.fail("the block must not run")
+    assert time.monotonic() - start < 10
+    assert "\n" not in str(err.value)
+
+
+def test_stage_param_keys(tmp_path: Path) -> None:
+    spec = {
+        "stages": {
+            "a": {"params": ["data", {"params.yaml": ["x.y"]}, {"other.yaml": ["z"]}]},
+            "b": {"params": [{"params.yaml": None}]},
+        }
+    }
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump(spec))
+    assert config.stage_param_keys("a", tmp_path / "dvc.yaml") == ["data", "x.y"]
+    assert config.stage_param_keys("b", tmp_path / "dvc.yaml") is None  # whole file
+    assert config.stage_param_keys("c", tmp_path / "dvc.yaml") is None
+    assert config.stage_param_keys("a", tmp_path / "absent.yaml") is None
+
+
+def test_repo_root_and_default_uri(tmp_path: Path, monkeypatch) -> None:
+    for var in ("BLOCKDROP_ROOT", "DVC_ROOT", "MLFLOW_TRACKING_URI"):
+        monkeypatch.delenv(var, raising=False)
+    root = (tmp_path / "ws").resolve()
+    (root / "sub").mkdir(parents=True)
+    (root / "dvc.yaml").write_text("stages: {}\n")
+    monkeypatch.chdir(root / "sub")
+    assert tracking.repo_root() == root  # walks up to dvc.yaml (tmp_path is outside any git repo)
+    assert tracking.tracking_uri() == f"sqlite:///{root}/mlflow.db"
+    assert tracking._artifact_location(tracking.tracking_uri()) == (root / "mlartifacts").as_uri()
+
+    temp_copy = root / ".dvc" / "tmp" / "exps" / "tmpab12" / "sub"  # `dvc exp run --temp` copy
+    temp_copy.mkdir(parents=True)
+    (temp_copy.parent / "dvc.yaml").write_text("stages: {}\n")
+    monkeypatch.chdir(temp_copy)
+    assert tracking.repo_root() == root
+
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    assert tracking.repo_root() == tmp_path.resolve()
+    monkeypatch.setenv("BLOCKDROP_ROOT", str(root))
+    assert tracking.repo_root() == root
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://example.org")
+    assert tracking.tracking_uri() == "http://example.org"
+
+
+def test_repo_root_from_git_worktree(tmp_path: Path, monkeypatch) -> None:
+    for var in ("BLOCKDROP_ROOT", "DVC_ROOT"):
+        monkeypatch.delenv(var, raising=False)
+    main, worktree = tmp_path / "main", tmp_path / "wt"
+    main.mkdir()
+    (main / "dvc.yaml").write_text("stages: {}\n")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "init.defaultBranch=main"]
+    subprocess.run([*git, "init", "-q"], cwd=main, check=True)
+    subprocess.run([*git, "add", "dvc.yaml"], cwd=main, check=True)
+    subprocess.run([*git, "commit", "-qm", "init"], cwd=main, check=True)
+    subprocess.run([*git, "worktree", "add", "-q", str(worktree)], cwd=main, check=True)
+    monkeypatch.chdir(worktree)
+    assert tracking.repo_root() == main.resolve()
+
+
+def test_dvc_md5_matches_dvc(tmp_path: Path) -> None:
+    build = pytest.importorskip("dvc_data.hashfile.build").build
+    from dvc_data.hashfile.db import HashFileDB
+    from dvc_objects.fs.local import LocalFileSystem
+
+    (tmp_path / "d" / "sub").mkdir(parents=True)
+    (tmp_path / "d" / "a.txt").write_text("hi\n")
+    (tmp_path / "d" / "sub" / "b.bin").write_bytes(b"x\r\ny")  # CRLF: DVC 3 no longer normalises it
+    fs = LocalFileSystem()
+    odb = HashFileDB(fs, str(tmp_path / "odb"))
+    for path in (tmp_path / "d", tmp_path / "d" / "sub" / "b.bin"):
+        _, _, obj = build(odb, str(path), fs, "md5")
+        assert tracking.dvc_md5(path) == obj.hash_info.value
+
+
+def test_registry_name() -> None:
+    assert tracking.registry_name("fashion-mnist", 32) == "blockdrop-fashion-mnist-resnet32"
+
+
+def test_log_blockdrop_model(store: MlflowClient) -> None:
+    np = pytest.importorskip("numpy")
+    torch = pytest.importorskip("torch")
+    import mlflow.pyfunc
+    import mlflow.pytorch
+
+    model = torch.nn.Linear(4, 2).eval()
+    with tracking.stage_run("finetune", Params()):
+        v1 = tracking.log_blockdrop_model(model, np.zeros((1, 4), np.float32), "blockdrop-test")
+        v2 = tracking.log_blockdrop_model(model, np.zeros((1, 4), np.float32), "blockdrop-test")
+    assert (v1, v2) == (1, 2)
+    assert int(store.get_model_version_by_alias("blockdrop-test", "challenger").version) == 2
+    loaded = mlflow.pytorch.load_model("models:/blockdrop-test@challenger")
+    assert torch.equal(loaded(torch.ones(3, 4)), model(torch.ones(3, 4)))
+    reqs = Path(mlflow.pyfunc.get_model_dependencies("models:/blockdrop-test/2")).read_text()
+    assert f"torch=={version('torch')}" in reqs.split()
