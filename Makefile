@@ -13,7 +13,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DVC_NO_ANALYTICS := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help install data repro test test-slow lint plots ui flow schedule clean
+.PHONY: help install data repro test test-slow lint plots ui flow retrain schedule browser
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -35,7 +35,7 @@ data:  ## make Fashion-MNIST available offline (Debian's dataset-fashion-mnist) 
 repro: install data  ## reproduce the whole pipeline (dvc repro)
 	dvc repro
 
-test: install  ## run the test suite (slow tests excluded)
+test: install browser  ## run the test suite (slow tests excluded)
 	pytest -q -m "not slow"
 
 test-slow: install  ## run only the slow tests
@@ -43,3 +43,29 @@ test-slow: install  ## run only the slow tests
 
 lint: install  ## ruff
 	ruff check .
+
+flow: install data  ## run the pipeline once as a Prefect flow (a task per DVC stage, one parent MLflow run)
+	$(PY) -m pipelines.flow run
+
+retrain: install data  ## run the retrain flow once: the pipeline, then champion/challenger promotion
+	$(PY) -m pipelines.flow retrain
+
+schedule: install data  ## serve the retrain flow on flow.cron (starts a Prefect server on 127.0.0.1:4200 if none)
+	$(PY) -m pipelines.flow serve --port 4200
+
+ui: install  ## MLflow UI on http://127.0.0.1:5000 (one worker) over this project's tracking store
+	mlflow ui --host 127.0.0.1 --port 5000 --workers 1 \
+	  --backend-store-uri "$$($(PY) -c 'from blockdrop.tracking import tracking_uri; print(tracking_uri())')"
+
+browser:  ## headless Chromium + chromedriver for the browser tests (apt-get, when root and missing)
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  (apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null) \
+	    || echo "note: apt could not install chromium; the browser tests will be skipped"; \
+	else echo "note: run 'sudo apt-get install chromium chromium-driver' for the browser tests"; fi
+
+plots: install  ## DVC plots as HTML in reports/plots/, with vendored vega scripts (works offline)
+	rm -rf reports/plots && mkdir -p reports/plots/vendor
+	dvc plots show --html-template dvc_plots/template.html -o reports/plots
+	cp dvc_plots/vendor/*.js reports/plots/vendor/
+	@echo "open reports/plots/index.html"

@@ -41,6 +41,10 @@ class StageContext:
         """Where the stage keeps its per-epoch resume state (not a DVC out: DVC deletes outs on rerun)."""
         return Path("checkpoints") / f"{self.name}.pt"
 
+    def clear_state(self) -> None:
+        """Forget the resume state once the outputs are written, so a forced rerun trains again."""
+        self.state_path.unlink(missing_ok=True)
+
 
 def start(name: str, params_path: str = "params.yaml") -> StageContext:
     """Configure logging, validate params (exit 2 on a mistake), pick the device and seed everything."""

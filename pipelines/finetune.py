@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from pathlib import Path
 
 import torch
 
 from blockdrop import stage, tracking
+from blockdrop.data import Normalize, load_split
 from blockdrop.files import write_csv, write_json
-from blockdrop.models import load_backbone, load_policy, save_blockdrop
+from blockdrop.models import BlockDropNet, load_backbone, load_policy, save_blockdrop
 from blockdrop.train.finetune import finetune_jointly
 
 BACKBONE = Path("models/backbone.pt")
 POLICY = Path("models/policy_cl.pt")
 MODEL = Path("models/blockdrop.pt")
 REPORTS = Path("reports/finetune")
+log = logging.getLogger("blockdrop.finetune")
 
 
 def main() -> None:
@@ -42,6 +46,17 @@ def main() -> None:
             run.log_metrics(metrics)
             run.log_artifacts([REPORTS / "history.csv", REPORTS / "metrics.json"])
             run.tag_outputs([MODEL])
+            if p.tracking.log_model:
+                # The served form: normalised images in, logits out; the example is one test image.
+                net = BlockDropNet(backbone.cpu(), policy_net.cpu()).eval()
+                cpu = Normalize(meta.mean, meta.std, torch.device("cpu"))
+                example = cpu(load_split(stage.DATA_DIR, "test").images[:1]).contiguous().numpy()
+                name = tracking.registry_name(meta.source, 6 * backbone.blocks_per_stage[0] + 2)
+                t0 = time.perf_counter()
+                version = tracking.log_blockdrop_model(net, example, name)
+                log.info("registered %s version %d (alias challenger) in %.1f s", name, version,
+                         time.perf_counter() - t0)
+            ctx.clear_state()
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ log = logging.getLogger("blockdrop.prepare")
 def main() -> None:
     ctx = stage.start("prepare")
     data = ctx.params.data
-    with stage.failures_reported("prepare"):
+    with stage.failures_reported("prepare"), tracking.stage_run("prepare", ctx.params) as run:
         raw = load_source(data.source, data.raw_dir)
         log.info("read %s from %s: %d train, %d test images of shape %s", data.source, raw.origin,
                  len(raw.train_labels), len(raw.test_labels), tuple(raw.train_images.shape[1:]))
@@ -26,13 +26,10 @@ def main() -> None:
         meta = write_prepared(splits, raw, data.source, tmp)
         shutil.rmtree(stage.DATA_DIR, ignore_errors=True)
         tmp.rename(stage.DATA_DIR)
-
-        with tracking.stage_run("prepare", ctx.params, data_sha256=meta.data_sha256) as run:
-            sizes = {f"{k}_images": n for k, n in meta.sizes.items()}
-            run.log_metrics({"data": {"classes": meta.num_classes, **sizes}})
-            run.log_artifacts([stage.DATA_DIR / "meta.json"])
+        run.set_tags({"data_sha256": meta.data_sha256})  # known only now that the files exist
+        run.log_metrics({"data": {"classes": meta.num_classes, **{f"{k}_images": n for k, n in meta.sizes.items()}}})
+        run.log_artifacts([stage.DATA_DIR / "meta.json"])
         log.info("wrote %s (%s)", stage.DATA_DIR, ", ".join(f"{k} {v}" for k, v in meta.sizes.items()))
-
 
 if __name__ == "__main__":
     main()

@@ -43,6 +43,7 @@ def main() -> None:
             run.log_metrics(metrics)
             run.log_artifacts([REPORTS / "history.csv", REPORTS / "metrics.json"])
             run.tag_outputs([MODEL])
+            ctx.clear_state()
 
 
 if __name__ == "__main__":

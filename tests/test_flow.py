@@ -1,0 +1,377 @@
+"""The Prefect flows (pipelines/flow.py) over real DVC and a throw-away MLflow store.
+
+Fast tests (default suite) run the pipeline flow on a toy DVC project whose stages are small scripts that
+log through ``blockdrop.tracking``: DAG order read from DVC, nesting under the parent run, params per
+stage, skipped stages, retries, and no retry for bad params. The slow tests run the real pipeline on the
+tiny profile in a copy of the repository: the retrain flow twice, with a deliberately degraded model
+registered as the challenger in between.
+
+One Prefect test harness (a temporary API server, 10-20 s to start) serves the whole session.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from blockdrop.config import flatten, stage_param_keys
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------------------------- set-up
+
+
+@pytest.fixture(scope="session")
+def flows():
+    """pipelines.flow, imported under one temporary Prefect API for the whole session."""
+    home = None
+    if not os.environ.get("PREFECT_HOME"):
+        home = tempfile.mkdtemp(prefix="prefect-home-")
+        os.environ["PREFECT_HOME"] = home  # read when prefect is first imported
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    from prefect.testing.utilities import prefect_test_harness
+
+    from pipelines import flow
+
+    with prefect_test_harness(server_startup_timeout=None):
+        yield flow
+    if home:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+class Project:
+    """A DVC project in a temp folder with its own MLflow store; ``enter`` makes it the cwd."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.uri = f"sqlite:///{root / 'mlflow.db'}"
+        self.client = MlflowClient(self.uri)
+
+    def enter(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        for var in ("BLOCKDROP_PARENT_RUN_ID", "DVC_EXP_NAME", "DVC_ROOT", "BLOCKDROP_ROOT"):
+            monkeypatch.delenv(var, raising=False)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", self.uri)
+        monkeypatch.chdir(self.root)
+
+    def params(self) -> dict:
+        return yaml.safe_load((self.root / "params.yaml").read_text())
+
+    def children(self, parent_run_id: str) -> list:
+        runs = self.client.search_runs(self.client.get_experiment_by_name("blockdrop").experiment_id,
+                                       f"tags.mlflow.parentRunId = '{parent_run_id}'", max_results=100)
+        return sorted(runs, key=lambda r: r.info.start_time)
+
+    def expected_params(self, stage: str, params: dict | None = None) -> dict[str, str]:
+        """params.yaml (now, or as ``params`` held), flattened, restricted to the keys dvc.yaml lists for
+        ``stage``, as MLflow strings."""
+        flat = flatten(params or self.params())
+        keys = stage_param_keys(stage, self.root / "dvc.yaml")
+        chosen = flat if keys is None else {k: v for k, v in flat.items()
+                                            if any(k == p or k.startswith(p + ".") for p in keys)}
+        return {k: str(v) for k, v in chosen.items()}
+
+
+@pytest.fixture(scope="module")
+def isolated_env():
+    """Module-scoped monkeypatch (fixtures that run flows once per module need one)."""
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+# ------------------------------------------------------------------------------------ toy DVC project
+
+STEP = textwrap.dedent('''
+    """A toy stage: count the attempt, maybe misbehave, log one MLflow run, write its out."""
+    import sys
+    from pathlib import Path
+
+    from blockdrop import tracking
+    from blockdrop.config import load_params
+
+    stage = sys.argv[1]
+    Path("attempts").mkdir(exist_ok=True)
+    with open(f"attempts/{stage}", "a") as f:
+        f.write("attempt\\n")
+    behaviour = Path("behaviour") / stage
+    mode = behaviour.read_text().strip() if behaviour.exists() else ""
+    if mode == "fail-once":
+        behaviour.unlink()
+        print(f"error: stage {stage}: a transient failure", file=sys.stderr)
+        raise SystemExit(1)
+    params = load_params("bad-params.yaml" if mode == "bad-params" else "params.yaml")  # exits 2 if invalid
+    with tracking.stage_run(stage, params) as run:
+        run.log_metrics({"toy": {"attempts": len(Path(f"attempts/{stage}").read_text().split())}})
+    Path("out").mkdir(exist_ok=True)
+    Path(f"out/{stage}.txt").write_text(stage + "\\n")
+''')
+
+# Listed out of order on purpose: the flow must take the order from DVC's graph, not from the file.
+TOY_DVC = {
+    "stages": {
+        "c": {"cmd": "python step.py c", "deps": ["step.py", "out/b.txt"], "params": ["seed", "evaluate"],
+              "outs": ["out/c.txt"]},
+        "a": {"cmd": "python step.py a", "deps": ["step.py"], "params": ["seed", "data"], "outs": ["out/a.txt"]},
+        "b": {"cmd": "python step.py b", "deps": ["step.py", "out/a.txt"],
+              "params": ["pretrain.epochs", {"params.yaml": ["model"]}], "outs": ["out/b.txt"]},
+    }
+}
+
+
+def make_toy(root: Path, behaviour: dict[str, str] | None = None, flow: dict | None = None) -> Project:
+    root.mkdir(parents=True)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["flow"] = {**params["flow"], "retries": 1, "retry_delay_s": 0, **(flow or {})}
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    bad = {**params, "pretrain": {**params["pretrain"], "epochs": 0}}
+    (root / "bad-params.yaml").write_text(yaml.safe_dump(bad, sort_keys=False))
+    (root / "dvc.yaml").write_text(yaml.safe_dump(TOY_DVC, sort_keys=False))
+    (root / "step.py").write_text(STEP)
+    (root / ".gitignore").write_text("attempts/\nbehaviour/\nmlflow.db\nmlartifacts/\n")
+    for stage, mode in (behaviour or {}).items():
+        (root / "behaviour").mkdir(exist_ok=True)
+        (root / "behaviour" / stage).write_text(mode)
+    subprocess.run(["git", "-c", "init.defaultBranch=main", "init", "-q"], cwd=root, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=root, check=True)
+    return Project(root)
+
+
+def attempts(project: Project, stage: str) -> int:
+    path = project.root / "attempts" / stage
+    return len(path.read_text().split()) if path.exists() else 0
+
+
+@pytest.fixture(scope="module")
+def toy_runs(flows, tmp_path_factory, isolated_env):
+    """Three runs of the pipeline flow on one toy project: a first run (stage b fails once, then passes on
+    its retry), a second with nothing changed, and a third after a param only stage c reads changed."""
+    project = make_toy(tmp_path_factory.mktemp("toy") / "project", behaviour={"b": "fail-once"})
+    project.enter(isolated_env)
+    first = flows.pipeline_flow()
+    first["params"] = project.params()
+    second = flows.pipeline_flow()
+    params = project.params()
+    params["evaluate"]["batch_size"] += 1
+    (project.root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    third = flows.pipeline_flow()
+    return project, first, second, third
+
+
+def test_dag_order_comes_from_dvc(flows, toy_runs) -> None:
+    project, first, _, _ = toy_runs
+    assert flows.dag_order(project.root) == ["a", "b", "c"]
+    assert [s["stage"] for s in first["stages"]] == ["a", "b", "c"]
+    assert [s["status"] for s in first["stages"]] == ["ran", "ran", "ran"]
+
+
+def test_one_nested_run_per_stage_with_its_params(toy_runs) -> None:
+    project, first, _, _ = toy_runs
+    parent = project.client.get_run(first["parent_run_id"])
+    assert parent.info.run_name == "blockdrop-pipeline" and parent.info.status == "FINISHED"
+    assert {k: v for k, v in parent.data.tags.items() if k.startswith("stage.")} == {
+        "stage.a": "ran", "stage.b": "ran", "stage.c": "ran"}
+    children = project.children(first["parent_run_id"])
+    assert [r.info.run_name for r in children] == ["a", "b", "c"]  # one each, in DAG order
+    for run in children:
+        assert run.info.status == "FINISHED"
+        assert run.data.params == project.expected_params(run.info.run_name, first["params"]), run.info.run_name
+    assert set(children[1].data.params) == {"pretrain.epochs", "model.depth"}  # both forms of dvc.yaml params
+
+
+def test_transient_failure_is_retried(toy_runs) -> None:
+    project, first, _, _ = toy_runs
+    assert attempts(project, "a") == 1
+    assert attempts(project, "b") == 2  # failed once (exit 1), passed on the retry
+    children = project.children(first["parent_run_id"])
+    assert [r.info.run_name for r in children].count("b") == 1  # the failed attempt never reached MLflow
+
+
+def test_up_to_date_stages_are_recorded_as_skipped(toy_runs) -> None:
+    project, _, second, third = toy_runs
+    assert [s["status"] for s in second["stages"]] == ["skipped", "skipped", "skipped"]
+    assert [s["status"] for s in third["stages"]] == ["skipped", "skipped", "ran"]
+    for result, ran in ((second, []), (third, ["c"])):
+        parent = project.client.get_run(result["parent_run_id"])
+        tags = {k: v for k, v in parent.data.tags.items() if k.startswith("stage.")}
+        assert tags == {f"stage.{s}": "ran" if s in ran else "skipped" for s in "abc"}
+        assert parent.data.metrics["flow/stages_skipped"] == 3 - len(ran)
+        assert parent.data.metrics["flow/stages_ran"] == len(ran)
+        assert [r.info.run_name for r in project.children(result["parent_run_id"])] == ran
+        summary = json.loads(Path(project.client.download_artifacts(parent.info.run_id, "flow/stages.json"))
+                             .read_text())
+        assert [s["status"] for s in summary["stages"]] == [s["status"] for s in result["stages"]]
+    assert attempts(project, "c") == 2 and attempts(project, "a") == 1
+
+
+def test_bad_params_fail_without_retry(flows, tmp_path, monkeypatch) -> None:
+    project = make_toy(tmp_path / "project", behaviour={"a": "bad-params"}, flow={"retries": 2})
+    project.enter(monkeypatch)
+    with pytest.raises(flows.BadParamsError, match=r"stage a failed \(exit 2\).*pretrain\.epochs"):
+        flows.pipeline_flow()
+    assert attempts(project, "a") == 1  # exit 2 is not retried, though flow.retries is 2
+    assert attempts(project, "b") == 0
+    (parent,) = project.client.search_runs([project.client.get_experiment_by_name("blockdrop").experiment_id],
+                                           "attributes.run_name = 'blockdrop-pipeline'")
+    assert parent.info.status == "FAILED"
+    assert parent.data.tags["stage.a"] == "failed"
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+@pytest.fixture(scope="module")
+def tiny_prepared(tmp_path_factory) -> Path:
+    """A tiny copy of the repository with data/prepared written in-process (no stage run needed)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tinyrepo import make_tiny_repo
+
+    from blockdrop.data import load_source, split_train_val, write_prepared
+
+    root = make_tiny_repo(tmp_path_factory.mktemp("bad-input") / "repo")
+    p = yaml.safe_load((root / "params.yaml").read_text())
+    raw = load_source("fashion-mnist", root / p["data"]["raw_dir"])
+    splits = split_train_val(raw, p["data"]["val_size"], p["seed"], p["data"]["train_limit"], p["data"]["test_limit"])
+    write_prepared(splits, raw, "fashion-mnist", root / "data" / "prepared")
+    return root
+
+
+def _stage(root: Path, stage: str, uri: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    env.pop("BLOCKDROP_PARENT_RUN_ID", None)
+    return subprocess.run([sys.executable, "-m", f"pipelines.{stage}"], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_unreachable_tracking_server_fails_the_stage_naming_the_uri(tiny_prepared: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # free a moment ago: nothing listens there
+    uri = f"http://127.0.0.1:{port}"
+    proc = _stage(tiny_prepared, "prepare", uri)
+    assert proc.returncode == 1, proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and uri in errors[0] and "unreachable" in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_corrupted_or_missing_checkpoint_names_the_file(tiny_prepared: Path) -> None:
+    models = tiny_prepared / "models"
+    models.mkdir(exist_ok=True)
+    (models / "backbone.pt").write_bytes(b"not a checkpoint")
+    uri = f"sqlite:///{tiny_prepared / 'mlflow.db'}"
+    proc = _stage(tiny_prepared, "curriculum", uri)
+    assert proc.returncode == 1, proc.stderr
+    (error,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert "models/backbone.pt" in error and "corrupted" in error and "Traceback" not in proc.stderr
+    (models / "backbone.pt").unlink()
+    proc = _stage(tiny_prepared, "curriculum", uri)
+    assert proc.returncode == 1 and "models/backbone.pt is missing" in proc.stderr, proc.stderr
+
+
+# ------------------------------------------------------------------- the real pipeline, tiny profile
+
+
+@pytest.fixture(scope="module")
+def retrain_runs(flows, tmp_path_factory, isolated_env):
+    """The retrain flow twice on the tiny profile. Between the runs a deliberately degraded copy of the
+    champion (its classifier always answers class 0) is registered as the challenger, and one evaluate
+    param changes, so the second run skips prepare..finetune, re-evaluates, and must keep the champion."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import torch
+    from tinyrepo import make_tiny_repo
+
+    from blockdrop import tracking
+    from blockdrop.config import load_params
+
+    root = make_tiny_repo(tmp_path_factory.mktemp("tiny") / "repo", overrides={"flow": {"retries": 0}})
+    project = Project(root)
+    project.enter(isolated_env)
+    first = flows.retrain_flow()
+    first["params"] = project.params()
+
+    params = load_params(root / "params.yaml", exit_on_error=False)
+    name = tracking.registry_name(params.data.source, params.model.depth)
+    degraded = tracking.load_registered_model(name, "champion")
+    with torch.no_grad():
+        degraded.backbone.fc.weight.zero_()
+        degraded.backbone.fc.bias.copy_(torch.eye(degraded.backbone.fc.out_features)[0])
+    example = torch.zeros(1, *degraded.backbone.stem[0].weight.shape[1:2], 28, 28).numpy()
+    with tracking.stage_run("inject-degraded-challenger", params):
+        injected = tracking.log_blockdrop_model(degraded, example, name)
+
+    raw = project.params()
+    raw["evaluate"]["latency_images"] += 1
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    second = flows.retrain_flow()
+    return project, name, first, injected, second
+
+
+@pytest.mark.slow
+def test_retrain_promotes_first_model_then_keeps_champion_against_worse(retrain_runs) -> None:
+    project, name, first, injected, second = retrain_runs
+    client = project.client
+    assert first["decision"]["promote"] and first["champion_version_before"] is None
+    assert first["challenger_version"] == 1 and injected == 2
+    assert second["challenger_version"] == 2 and second["champion_version_before"] == 1
+    assert not second["decision"]["promote"], second["decision"]
+    assert int(client.get_model_version_by_alias(name, "champion").version) == 1
+    assert int(client.get_model_version_by_alias(name, "challenger").version) == 2
+
+    chal, champ = second["scores"]["challenger"], second["scores"]["champion"]
+    assert champ["accuracy"] > chal["accuracy"] + 0.01, "the tiny model should beat a constant answer"
+    assert chal["flops_mean"] == pytest.approx(champ["flops_mean"])  # same policy network: same FLOPs
+    assert "accuracy" in second["decision"]["reason"]
+
+    for result, verdict in ((first, "promoted"), (second, "kept")):
+        run = client.get_run(result["parent_run_id"])
+        assert run.info.run_name == "blockdrop-retrain" and run.info.status == "FINISHED"
+        assert run.data.tags["promotion"] == verdict
+        logged = json.loads(Path(client.download_artifacts(run.info.run_id, "promotion/decision.json")).read_text())
+        assert logged["decision"]["promote"] == (verdict == "promoted")
+        assert run.data.metrics["challenger/accuracy"] == pytest.approx(result["scores"]["challenger"]["accuracy"])
+    run = client.get_run(second["parent_run_id"])
+    assert run.data.metrics["champion/accuracy"] == pytest.approx(champ["accuracy"])
+    assert run.data.params["challenger/version"] == "2" and run.data.params["champion/version"] == "1"
+    # The evaluate stage's own number for the model it evaluated is the challenger score of run one.
+    metrics = json.loads((project.root / "reports/evaluate/metrics.json").read_text())
+    assert first["scores"]["challenger"]["accuracy"] == pytest.approx(metrics["blockdrop"]["accuracy"])
+
+
+@pytest.mark.slow
+def test_real_pipeline_stage_runs_nested_with_params_yaml_values(flows, retrain_runs) -> None:
+    project, _, first, _, _ = retrain_runs
+    stages = flows.dag_order(project.root)
+    pipeline_run = first["pipeline"]["parent_run_id"]
+    assert project.client.get_run(pipeline_run).data.tags["mlflow.parentRunId"] == first["parent_run_id"]
+    children = project.children(pipeline_run)
+    assert [r.info.run_name for r in children] == stages
+    for run in children:
+        assert run.info.status == "FINISHED"
+        assert run.data.params == project.expected_params(run.info.run_name, first["params"]), run.info.run_name
+
+
+@pytest.mark.slow
+def test_real_pipeline_up_to_date_stages_recorded_as_skipped(flows, retrain_runs) -> None:
+    project, _, _, _, second = retrain_runs
+    stages = flows.dag_order(project.root)
+    status = {s["stage"]: s["status"] for s in second["pipeline"]["stages"]}
+    upstream = stages[: stages.index("evaluate")]
+    assert all(status[s] == "skipped" for s in upstream), status
+    assert status["evaluate"] == "ran"
+    tags = project.client.get_run(second["pipeline"]["parent_run_id"]).data.tags
+    assert all(tags[f"stage.{s}"] == status[s] for s in stages)
+    ran = [r.info.run_name for r in project.children(second["pipeline"]["parent_run_id"])]
+    assert ran == [s for s in stages if status[s] == "ran"]

@@ -1,0 +1,124 @@
+"""`dvc repro` of the whole pipeline on the tiny profile, in a throwaway copy of the repository."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from tinyrepo import make_tiny_repo
+
+from blockdrop.config import load_params
+
+VARIANT_KEYS = {"accuracy", "blocks_mean", "blocks_std", "block_fraction", "flops_mean", "flops_std"}
+
+
+def dvc(root: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "DVC_NO_ANALYTICS": "1",
+           "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env.pop("BLOCKDROP_PARENT_RUN_ID", None)
+    proc = subprocess.run(["dvc", *args], cwd=root, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, f"dvc {' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def repro(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = make_tiny_repo(tmp_path_factory.mktemp("e2e") / "repo")
+    dvc(root, "repro")
+    return root
+
+
+def read(root: Path, path: str) -> dict:
+    return json.loads((root / path).read_text())
+
+
+def test_every_stage_writes_its_outputs(repro: Path) -> None:
+    for path in ("data/prepared/train.pt", "data/prepared/val.pt", "data/prepared/test.pt",
+                 "data/prepared/meta.json", "models/backbone.pt", "models/policy_cl.pt", "models/blockdrop.pt",
+                 "data/evaluate/per_image.csv", "reports/report.md", "reports/report.html"):
+        assert (repro / path).stat().st_size > 0, path
+    meta = read(repro, "data/prepared/meta.json")
+    assert meta["sizes"] == {"train": 512, "val": 256, "test": 256}
+    for name, digest in meta["sha256"].items():  # meta records the digest of every file it describes
+        assert hashlib.sha256((repro / "data/prepared" / name).read_bytes()).hexdigest() == digest
+
+
+def test_metrics_have_the_shapes_design_md_gives(repro: Path) -> None:
+    pretrain = read(repro, "reports/pretrain/metrics.json")
+    assert set(pretrain) == {"test", "val", "train"}
+    assert set(pretrain["train"]) == {"images_per_s", "epochs"} and pretrain["train"]["epochs"] == 1
+    assert 0.5 < pretrain["test"]["accuracy"] <= 1.0  # brightness-coded classes: far above chance (0.1)
+
+    evaluate = read(repro, "reports/evaluate/metrics.json")
+    k = load_params(repro / "params.yaml").model.depth // 6 * 3
+    assert set(evaluate) == {"num_blocks", "full", "blockdrop", "firstk", "randomk", "speedup"}
+    assert evaluate["num_blocks"] == k
+    for variant in ("full", "firstk", "randomk"):
+        assert set(evaluate[variant]) == VARIANT_KEYS
+    assert set(evaluate["blockdrop"]) == VARIANT_KEYS | {"unique_policies"}
+    assert set(evaluate["speedup"]) == {"flops_ratio", "measured_batch1"}
+    assert evaluate["full"]["blocks_mean"] == k and evaluate["full"]["block_fraction"] == 1.0
+    # FirstK and RandomK run BlockDrop's budget, rounded
+    assert evaluate["firstk"]["blocks_mean"] == round(evaluate["blockdrop"]["blocks_mean"])
+    assert evaluate["randomk"]["blocks_mean"] == round(evaluate["blockdrop"]["blocks_mean"])
+
+
+def test_checkpoints_load_safely(repro: Path) -> None:
+    blob = torch.load(repro / "models/blockdrop.pt", weights_only=True)
+    assert {"arch", "model", "policy", "num_blocks"} <= set(blob)
+
+
+def test_second_repro_is_a_no_op(repro: Path) -> None:
+    t0 = time.perf_counter()
+    out = dvc(repro, "repro").stdout
+    assert "Running stage" not in out
+    assert time.perf_counter() - t0 < 30
+    assert "up to date" in dvc(repro, "status").stdout.lower()
+
+
+def test_changing_one_param_reruns_only_what_depends_on_it(repro: Path) -> None:
+    params = repro / "params.yaml"
+    original = params.read_text()
+    try:
+        params.write_text(original.replace("latency_images: 10", "latency_images: 12"))
+        out = dvc(repro, "status").stdout
+        assert "evaluate" in out and "pretrain" not in out and "finetune" not in out
+    finally:
+        params.write_text(original)
+
+
+def test_report_and_dvc_plots_render_offline(repro: Path) -> None:
+    """What a person opens: the self-contained report and `make plots`, in headless Chromium."""
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
+        pytest.skip("chromium/chromedriver missing: `make browser` installs them")
+    from browser import render_check
+
+    report = render_check(repro / "reports/report.html")
+    figures = len(list((repro / "reports/analyze/figures").glob("*.png")))
+    assert figures >= 9
+    assert report["images_total"] >= figures and report["images_loaded"] == report["images_total"]
+    assert report["external_requests"] == []
+
+    # the `make plots` recipe, run in the copy
+    plots = repro / "reports/plots"
+    shutil.rmtree(plots, ignore_errors=True)
+    (plots / "vendor").mkdir(parents=True)
+    dvc(repro, "plots", "show", "--html-template", "dvc_plots/template.html", "-o", str(plots))
+    for js in (repro / "dvc_plots/vendor").glob("*.js"):
+        shutil.copy(js, plots / "vendor")
+    page = render_check(plots / "index.html")
+    charts = len(yaml.safe_load((repro / "dvc.yaml").read_text())["plots"]) - 1  # minus the figures dir entry
+    assert page["nonempty_canvases"] + page["svgs"] >= charts  # every vega chart drew something
+    assert page["images_loaded"] == page["images_total"] >= figures  # the PNG figures as image plots
+    assert page["external_requests"] == []
+    assert page["console_errors"] == []
