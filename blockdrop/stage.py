@@ -13,13 +13,17 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from blockdrop.config import Params, load_params, params_sha256, stage_param_keys
 from blockdrop.data import DataSourceError, Meta, Normalize, Split, load_meta, load_split
-from blockdrop.files import CheckpointError
+from blockdrop.files import CheckpointError, write_csv, write_json
 from blockdrop.runtime import resolve_precision, seed_everything, select_device
+
+if TYPE_CHECKING:
+    from blockdrop.tracking import StageRun
 
 __all__ = ["DATA_DIR", "StageContext", "failures_reported", "load_data", "start"]
 
@@ -63,6 +67,16 @@ def load_data(ctx: StageContext, *splits: str) -> tuple[Meta, dict[str, Split], 
     meta = load_meta(DATA_DIR)
     loaded = {s: load_split(DATA_DIR, s).to(ctx.device) for s in splits}
     return meta, loaded, Normalize(meta.mean, meta.std, ctx.device)
+
+
+def publish(run: StageRun, reports: Path, history: list[dict], metrics: dict, models: list[Path]) -> None:
+    """A training stage's last step: write ``history.csv`` (a DVC plot) and ``metrics.json`` (a DVC metric)
+    under ``reports``, and log both to the stage's MLflow run with the DVC md5 of its ``models``."""
+    write_csv(reports / "history.csv", history)
+    write_json(reports / "metrics.json", metrics)
+    run.log_metrics(metrics)
+    run.log_artifacts([reports / "history.csv", reports / "metrics.json"])
+    run.tag_outputs(models)
 
 
 @contextlib.contextmanager

@@ -7,7 +7,6 @@ from pathlib import Path
 import torch
 
 from blockdrop import stage, tracking
-from blockdrop.files import write_csv, write_json
 from blockdrop.models import load_backbone, policy_resnet8, save_policy
 from blockdrop.train.curriculum import train_curriculum
 
@@ -38,11 +37,7 @@ def main() -> None:
                           "unlocked_blocks": last["unlocked_blocks"]},
             }
             save_policy(policy_net.cpu(), POLICY)
-            write_csv(REPORTS / "history.csv", history)
-            write_json(REPORTS / "metrics.json", metrics)
-            run.log_metrics(metrics)
-            run.log_artifacts([REPORTS / "history.csv", REPORTS / "metrics.json"])
-            run.tag_outputs([POLICY])
+            stage.publish(run, REPORTS, history, metrics, [POLICY])
             ctx.clear_state()
 
 

@@ -10,7 +10,6 @@ import torch
 
 from blockdrop import stage, tracking
 from blockdrop.data import Normalize, load_split
-from blockdrop.files import write_csv, write_json
 from blockdrop.models import BlockDropNet, load_backbone, load_policy, save_blockdrop
 from blockdrop.train.finetune import finetune_jointly
 
@@ -41,11 +40,7 @@ def main() -> None:
                 "train": {"reward": last["train/reward"], "loss": last["train/loss"], "epochs": len(history)},
             }
             save_blockdrop(backbone.cpu(), policy_net.cpu(), MODEL)
-            write_csv(REPORTS / "history.csv", history)
-            write_json(REPORTS / "metrics.json", metrics)
-            run.log_metrics(metrics)
-            run.log_artifacts([REPORTS / "history.csv", REPORTS / "metrics.json"])
-            run.tag_outputs([MODEL])
+            stage.publish(run, REPORTS, history, metrics, [MODEL])
             if p.tracking.log_model:
                 # The served form: normalised images in, logits out; the example is one test image.
                 net = BlockDropNet(backbone.cpu(), policy_net.cpu()).eval()

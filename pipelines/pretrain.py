@@ -8,7 +8,6 @@ from pathlib import Path
 import torch
 
 from blockdrop import stage, tracking
-from blockdrop.files import write_csv, write_json
 from blockdrop.models import cifar_resnet, save_backbone
 from blockdrop.predict import accuracy, predict
 from blockdrop.train.pretrain import pretrain_backbone
@@ -38,11 +37,7 @@ def main() -> None:
             log.info("backbone ResNet-%d: test accuracy %.4f, %.0f images/s", p.model.depth, test_acc,
                      result.images_per_s)
             save_backbone(model.cpu(), MODEL)
-            write_csv(REPORTS / "history.csv", result.history)
-            write_json(REPORTS / "metrics.json", metrics)
-            run.log_metrics(metrics)
-            run.log_artifacts([REPORTS / "history.csv", REPORTS / "metrics.json"])
-            run.tag_outputs([MODEL])
+            stage.publish(run, REPORTS, result.history, metrics, [MODEL])
             ctx.clear_state()
 
 
