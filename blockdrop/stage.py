@@ -25,7 +25,7 @@ from blockdrop.runtime import resolve_precision, seed_everything, select_device
 if TYPE_CHECKING:
     from blockdrop.tracking import StageRun
 
-__all__ = ["DATA_DIR", "StageContext", "failures_reported", "load_data", "start"]
+__all__ = ["DATA_DIR", "StageContext", "failures_reported", "load_data", "publish", "start"]
 
 DATA_DIR = Path("data/prepared")
 log = logging.getLogger("blockdrop")

@@ -319,7 +319,7 @@ def retrain_runs(flows, tmp_path_factory, isolated_env):
     return project, name, first, injected, second
 
 
-@pytest.mark.slow
+
 def test_retrain_promotes_first_model_then_keeps_champion_against_worse(retrain_runs) -> None:
     project, name, first, injected, second = retrain_runs
     client = project.client
@@ -350,7 +350,7 @@ def test_retrain_promotes_first_model_then_keeps_champion_against_worse(retrain_
     assert first["scores"]["challenger"]["accuracy"] == pytest.approx(metrics["blockdrop"]["accuracy"])
 
 
-@pytest.mark.slow
+
 def test_real_pipeline_stage_runs_nested_with_params_yaml_values(flows, retrain_runs) -> None:
     project, _, first, _, _ = retrain_runs
     stages = flows.dag_order(project.root)
@@ -363,7 +363,7 @@ def test_real_pipeline_stage_runs_nested_with_params_yaml_values(flows, retrain_
         assert run.data.params == project.expected_params(run.info.run_name, first["params"]), run.info.run_name
 
 
-@pytest.mark.slow
+
 def test_real_pipeline_up_to_date_stages_recorded_as_skipped(flows, retrain_runs) -> None:
     project, _, _, _, second = retrain_runs
     stages = flows.dag_order(project.root)
