@@ -34,15 +34,9 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[str, str]:
+def store(mlflow_project: str) -> tuple[str, str]:
     """A SQLite store holding one run per stage (params, a metric per epoch, a tag), as the stages log them."""
-    for var in (tracking.PARENT_ENV, "DVC_EXP_NAME", "DVC_ROOT"):
-        monkeypatch.delenv(var, raising=False)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setenv("BLOCKDROP_ROOT", str(tmp_path))
-    monkeypatch.chdir(tmp_path)
-    shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")  # each run logs its stage's params
+    uri = mlflow_project
     for stage in STAGES:
         with tracking.stage_run(stage, Params()) as run:
             for epoch in range(2):

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -74,15 +71,8 @@ def test_blockdrop_net_matches_run_policy_and_score() -> None:
 
 
 @pytest.fixture
-def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> MlflowClient:
-    for var in (tracking.PARENT_ENV, "DVC_EXP_NAME", "DVC_ROOT"):
-        monkeypatch.delenv(var, raising=False)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setenv("BLOCKDROP_ROOT", str(tmp_path))
-    monkeypatch.chdir(tmp_path)
-    shutil.copy(Path(__file__).resolve().parents[1] / "dvc.yaml", tmp_path / "dvc.yaml")
-    return MlflowClient(uri)
+def store(mlflow_project: str) -> MlflowClient:
+    return MlflowClient(mlflow_project)
 
 
 def test_registry_helpers_round_trip_a_blockdrop_net(store: MlflowClient) -> None:
