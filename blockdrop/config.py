@@ -105,6 +105,8 @@ class Finetune(Section):
     alpha: Annotated[Float, Field(gt=0.5, le=1.0)] = 0.8
     penalty: NonNegFloat = 5.0
     pg_reduction: Literal["mean", "sum"] = "mean"  # authors' code sums over the batch here
+    execution: Literal["sparse", "masked"] = "sparse"  # blocks on the images that keep them | paper's dense form
+    greedy_ce: NonNegFloat = 0.0  # weight of the cross-entropy under the greedy actions (0: the paper's loss)
     crop_padding: NonNegInt = 4
     flip: bool = True
 
@@ -113,6 +115,7 @@ class Evaluate(Section):
     batch_size: PositiveInt = 500
     latency_images: PositiveInt = 300  # images timed one at a time, after the warm-up
     latency_warmup: NonNegInt = 30
+    latency_threads: NonNegInt = 1  # CPU threads while timing (0 = every core); ignored on CUDA
 
 
 class Analyze(Section):

@@ -189,8 +189,10 @@ def _summary(inp: _Inputs) -> str:
         if speed.get("measured_batch1") is not None:
             text += f" and runs {speed['measured_batch1']:.2f}x as fast at batch size 1"
             if {"full_ms", "blockdrop_ms"} <= set(lat):
+                n = lat.get("threads")
+                threads = "" if n is None else ", on the GPU" if n == 0 else f", {n} CPU thread{'s' * (n > 1)}"
                 text += (f" ({lat['full_ms']:.2f} ms → {lat['blockdrop_ms']:.2f} ms per image, median of "
-                         f"{lat.get('images', '?')} images)")
+                         f"{lat.get('images', '?')} images{threads})")
         text += "."
     heur = [(VARIANT_LABELS[v], ev[v]) for v in ("firstk", "randomk") if isinstance(ev.get(v), dict)]
     if heur:

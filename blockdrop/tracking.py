@@ -101,18 +101,22 @@ def _timed(method):
     return wrapper
 
 
+def _process_seconds() -> float | None:
+    """How long this process has lived (the stage's whole cost, imports included)."""
+    try:
+        import psutil  # an mlflow dependency
+
+        return time.time() - psutil.Process().create_time()
+    except Exception:
+        return None
+
+
 def _record_times(stage: str, block_s: float) -> None:
     path = os.environ.get(TIMES_ENV)
     if not path:
         return
-    try:
-        import psutil  # an mlflow dependency
-
-        process_s = time.time() - psutil.Process().create_time()
-    except Exception:
-        process_s = None
     row = {"stage": stage, "tracking_s": _clock.total, "import_s": _IMPORT_S, "log_model_s": _clock.log_model,
-           "run_block_s": block_s, "process_s": process_s}
+           "run_block_s": block_s, "process_s": _process_seconds()}
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
 
@@ -357,8 +361,20 @@ def stage_run(stage: str, params: Params, data_sha256: str | None = None) -> Ite
         current = mlflow.active_run()
         if current is not None and current.info.run_id == run.run_id:  # the block may have ended it
             with _clock():
+                _log_own_cost(run)
                 mlflow.end_run(status)
         _record_times(stage, time.perf_counter() - t0)
+
+
+def _log_own_cost(run: StageRun) -> None:
+    """What tracking cost this stage: ``tracking/seconds`` (importing mlflow included) of
+    ``tracking/process_seconds`` (the stage process's life so far), and their ratio ``tracking/share``."""
+    process_s = _process_seconds()
+    metrics = {"seconds": _clock.total, "import_seconds": _IMPORT_S, "log_model_seconds": _clock.log_model}
+    if process_s:
+        metrics |= {"process_seconds": process_s, "share": _clock.total / process_s}
+    run.client.log_batch(run.run_id, metrics=[Metric(k, v, int(time.time() * 1000), 0)
+                                              for k, v in _metric_items({"tracking": metrics})])
 
 
 @contextmanager

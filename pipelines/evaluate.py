@@ -38,16 +38,16 @@ def main() -> None:
             n = min(len(test), p.latency_warmup + p.latency_images)
             images = normalize(test.images[:n])
             latency = measure_latency(FullPredictor(pretrained), SkippingPredictor(backbone, policy_net),
-                                      images, p.latency_warmup)
+                                      images, p.latency_warmup, p.latency_threads)
             metrics["speedup"] = {"flops_ratio": flops.full / metrics["blockdrop"]["flops_mean"],
                                   "measured_batch1": latency["speedup"]}
             for name in ("full", "blockdrop", "firstk", "randomk"):
                 m = metrics[name]
                 log.info("%-9s accuracy %.4f  blocks %5.2f +- %.2f  FLOPs %.3g", name, m["accuracy"],
                          m["blocks_mean"], m["blocks_std"], m["flops_mean"])
-            log.info("speedup: FLOPs %.2fx, measured at batch 1 %.2fx (%.2f ms -> %.2f ms, median of %d)",
-                     metrics["speedup"]["flops_ratio"], latency["speedup"], latency["full_ms"],
-                     latency["blockdrop_ms"], latency["images"])
+            log.info("speedup: FLOPs %.2fx, measured at batch 1 %.2fx (%.2f ms -> %.2f ms, median of %d, "
+                     "threads: %d)", metrics["speedup"]["flops_ratio"], latency["speedup"], latency["full_ms"],
+                     latency["blockdrop_ms"], latency["images"], latency["threads"])
             PER_IMAGE.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(PER_IMAGE, per_image.to_csv(index=False))
             atomic_write_text(REPORTS / "per_class.csv", per_class_table(per_image, meta.classes).to_csv(index=False))

@@ -1,4 +1,4 @@
-"""blockdrop.models: the CIFAR ResNets, the three ways of running a policy, checkpoints, inference."""
+"""blockdrop.models: the CIFAR ResNets, the ways of running a policy, checkpoints, inference."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from blockdrop.files import CheckpointError
-from blockdrop.inference import FullPredictor, SkippingPredictor, fold_batchnorm
+from blockdrop.inference import FullPredictor, SkippingPredictor, fold_batchnorm, measure_latency
 from blockdrop.models import (
     CifarResNet,
     cifar_resnet,
@@ -196,13 +196,28 @@ def test_skipping_never_calls_dropped_blocks(resnet20: tuple[CifarResNet, torch.
             h.remove()
 
 
+def test_latency_runs_on_the_requested_threads_and_restores_them(resnet20: tuple[CifarResNet, torch.Tensor]) -> None:
+    model, x = resnet20
+    before, seen = torch.get_num_threads(), []
+
+    def predictor(image: torch.Tensor) -> torch.Tensor:
+        seen.append((torch.get_num_threads(), len(image)))
+        return model(image)
+
+    result = measure_latency(predictor, predictor, x, warmup=2, threads=1)
+    assert set(seen) == {(1, 1)} and len(seen) == 2 * len(x)  # every image, one at a time, on one thread
+    assert torch.get_num_threads() == before
+    assert result["threads"] == 1 and result["images"] == len(x) - 2
+    assert result["speedup"] == pytest.approx(result["full_ms"] / result["blockdrop_ms"])
+
+
 def test_skipping_rejects_wrong_length(resnet20: tuple[CifarResNet, torch.Tensor]) -> None:
     model, x = resnet20
     with pytest.raises(ValueError, match="expected 9 actions, got 8"):
         model.forward_skipping(x[:1], [True] * 8)
 
 
-def test_grad_path_is_the_masked_formula_and_grads_reach_only_kept_blocks() -> None:
+def test_grad_path_matches_the_masked_formula_and_grads_reach_only_kept_blocks() -> None:
     torch.manual_seed(0)
     x = torch.randn(4, 3, 8, 8)
     model = calibrated(cifar_resnet(20, 5, 3), x)
@@ -210,7 +225,7 @@ def test_grad_path_is_the_masked_formula_and_grads_reach_only_kept_blocks() -> N
     policy[:, 6] = 0.0  # a block no image keeps
     with torch.no_grad():
         reference = model.forward_masked(x, policy)
-    out = model(x, policy)  # autograd on: the dense path
+    out = model(x, policy)  # autograd on: still the sparse path
     assert out.requires_grad
     torch.testing.assert_close(out, reference, **TOL)
     out.sum().backward()
@@ -223,6 +238,28 @@ def test_grad_path_is_the_masked_formula_and_grads_reach_only_kept_blocks() -> N
         else:
             assert all(g is None or bool((g == 0).all()) for g in grads), f"dropped block {t} got a gradient"
     assert model.fc.weight.grad.abs().sum() > 0
+
+
+def test_in_train_mode_a_block_normalises_only_the_images_that_keep_it() -> None:
+    # Sparse: block t's BatchNorm statistics come from the images whose policy keeps t; a block no image
+    # keeps is not run, so its running statistics do not move. The dense masked form runs it on all.
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, 8, 8)
+    policy = torch.ones(6, 3)
+    policy[:, 1] = 0.0  # nobody keeps block 1
+    policy[3:, 2] = 0.0  # only images 0-2 keep block 2
+    for masked in (False, True):
+        model = cifar_resnet(8, 4, 3).train()
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = 1.0  # running stats := this batch's stats
+        seen: list[int] = []
+        hook = model.blocks[2].bn1.register_forward_pre_hook(lambda _, args, seen=seen: seen.append(len(args[0])))
+        (model.forward_masked if masked else model)(x, policy).sum().backward()
+        hook.remove()
+        assert seen == [6 if masked else 3]
+        untouched = bool((model.blocks[1].bn1.running_mean == 0).all())
+        assert untouched is not masked
 
 
 def test_policy_values_between_0_and_1_interpolate_in_masked_form() -> None:

@@ -87,6 +87,10 @@ def test_stage_run_logs_params_tags_metrics_artifacts(store: MlflowClient, monke
     assert [(m.step, m.value) for m in history] == [(0, 1.0), (1, 0.5), (2, pytest.approx(1 / 3))]
     assert got.data.metrics["test/accuracy"] == 0.9 and got.data.metrics["train/epochs"] == 3
     assert "test/classes" not in got.data.metrics
+    # What tracking cost the stage, importing mlflow included: a share of the process's life so far.
+    m = got.data.metrics
+    assert 0 < m["tracking/import_seconds"] <= m["tracking/seconds"] < m["tracking/process_seconds"]
+    assert m["tracking/share"] == pytest.approx(m["tracking/seconds"] / m["tracking/process_seconds"])
     listed = {a.path for a in store.list_artifacts(run.run_id, "reports/pretrain")}
     assert listed == {"reports/pretrain/history.csv", "reports/pretrain/metrics.json"}
 

@@ -94,7 +94,8 @@ def pretrain_backbone(
             if cfg.drop_path > 0:
                 policy = drop_path_policy(len(y), model.num_blocks, cfg.drop_path, generator).to(device)
             with autocast(precision, device):
-                logits = model(x, policy)
+                # Stochastic depth as Huang et al. train it: the dense masked form, BN over the whole batch.
+                logits = model(x) if policy is None else model.forward_masked(x, policy)
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -24,6 +24,7 @@ class Rollout:
     actions: torch.Tensor  # sampled 0/1 actions, forced-on blocks included
     greedy: torch.Tensor  # greedy 0/1 actions, forced-on blocks included
     logits: torch.Tensor  # backbone logits under the sampled actions (with grad when asked)
+    greedy_logits: torch.Tensor  # backbone logits under the greedy actions (with grad when asked)
     reward: torch.Tensor  # reward of the sampled actions
     baseline: torch.Tensor  # reward of the greedy actions
     greedy_correct: torch.Tensor
@@ -45,19 +46,28 @@ def rollout(
     generator: torch.Generator,
     precision: str = "fp32",
     backbone_grad: bool = False,
+    greedy_grad: bool = False,
+    masked: bool = False,
 ) -> Rollout:
-    """Sample actions from the policy on ``x`` and score both them and the greedy actions on ``y``."""
+    """Sample actions from the policy on ``x`` and score both them and the greedy actions on ``y``.
+
+    ``backbone_grad`` / ``greedy_grad``: keep the graph of the backbone's logits under the sampled / the
+    greedy actions, for a loss on them. ``masked``: run the sampled actions through the paper's dense
+    masked formula instead of the sparse forward (they differ only in train mode, in what the kept
+    blocks' BatchNorm sees).
+    """
     with autocast(precision, x.device):
         probs = torch.sigmoid(policy_net(x).float())
     bounded = rl.bound_probs(probs, alpha)
     actions = rl.force_on(rl.sample_actions(bounded.detach(), generator), learnable)
     greedy = rl.force_on(rl.greedy_actions(probs.detach()), learnable)
     with torch.set_grad_enabled(backbone_grad), autocast(precision, x.device):
-        logits = backbone(x, actions).float()
-    with torch.no_grad(), autocast(precision, x.device):
-        greedy_correct = backbone(x, greedy).argmax(1) == y
+        logits = (backbone.forward_masked if masked else backbone)(x, actions).float()
+    with torch.set_grad_enabled(greedy_grad), autocast(precision, x.device):
+        greedy_logits = backbone(x, greedy).float()
+    greedy_correct = greedy_logits.detach().argmax(1) == y
     return Rollout(
-        bounded=bounded, actions=actions, greedy=greedy, logits=logits,
+        bounded=bounded, actions=actions, greedy=greedy, logits=logits, greedy_logits=greedy_logits,
         reward=rl.reward(actions, logits.detach().argmax(1) == y, penalty),
         baseline=rl.reward(greedy, greedy_correct, penalty), greedy_correct=greedy_correct,
     )
