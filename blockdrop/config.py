@@ -95,6 +95,7 @@ class Curriculum(Section):
     penalty: NonNegFloat = 1.0  # gamma: reward of a wrong prediction is -penalty
     crop_padding: NonNegInt = 4
     flip: bool = True
+    val_images: NonNegInt = 0  # validation images scored after each epoch (0 = all); training ignores them
 
 
 class Finetune(Section):

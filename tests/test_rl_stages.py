@@ -88,3 +88,38 @@ def test_curriculum_unlocks_one_block_per_epoch(tmp_path: Path) -> None:
     for row in history:
         assert row["train/blocks"] >= K - row["unlocked_blocks"]
         assert row["val/blocks_mean"] >= K - row["unlocked_blocks"]
+
+
+def test_curriculum_validation_subset_changes_only_the_curve(tmp_path: Path) -> None:
+    # curriculum.val_images scores fewer validation images per epoch; it draws no random numbers, so the
+    # trained policy and every training number are the same as when all of them are scored.
+    runs = {}
+    for n in (0, 10):
+        backbone, policy = models()
+        cfg = Curriculum(epochs=2, images_per_epoch=64, batch_size=32, crop_padding=2, val_images=n)
+        history = train_curriculum(backbone, policy, tiny_split(96, 1), tiny_split(40, 2),
+                                   Normalize([0.2], [0.3], "cpu"), cfg, torch.Generator().manual_seed(0), "fp32",
+                                   tmp_path / f"{n}.pt", "key")
+        runs[n] = history, policy.state_dict()
+    (all_rows, all_weights), (sub_rows, sub_weights) = runs[0], runs[10]
+    for a, b in zip(all_rows, sub_rows, strict=True):
+        assert {k: v for k, v in a.items() if not k.startswith("val/")} == \
+               {k: v for k, v in b.items() if not k.startswith("val/")}
+        assert round(b["val/accuracy"] * 10, 6) == round(b["val/accuracy"] * 10)  # scored on 10 images
+    assert all(torch.equal(all_weights[k], sub_weights[k]) for k in all_weights)
+
+
+def test_finetune_greedy_cross_entropy_trains_the_greedy_paths(tmp_path: Path) -> None:
+    # greedy_ce adds the cross-entropy under the greedy actions: the loss grows by that term and the
+    # backbone ends elsewhere; 0 is the paper's loss.
+    results = {}
+    for weight in (0.0, 1.0):
+        backbone, policy = models()
+        cfg = Finetune(epochs=1, images_per_epoch=64, batch_size=32, crop_padding=2, greedy_ce=weight)
+        history = finetune_jointly(backbone, policy, tiny_split(96, 1), tiny_split(40, 2),
+                                   Normalize([0.2], [0.3], "cpu"), cfg, torch.Generator().manual_seed(0), "fp32",
+                                   tmp_path / f"{weight}.pt", "key")
+        results[weight] = history[0], backbone.state_dict()
+    (paper, paper_w), (greedy, greedy_w) = results[0.0], results[1.0]
+    assert greedy["train/ce"] > 1.5 * paper["train/ce"]  # two cross-entropies of similar size, not one
+    assert not all(torch.equal(paper_w[k], greedy_w[k]) for k in paper_w)

@@ -31,6 +31,10 @@ class Split:
     def to(self, device: torch.device | str) -> Split:
         return Split(self.images.to(device), self.labels.to(device))
 
+    def head(self, n: int) -> Split:
+        """The first ``n`` images (all of them when ``n`` is 0): a random sample, as splits are shuffled."""
+        return Split(self.images[:n], self.labels[:n]) if n else self
+
 
 @dataclass(frozen=True)
 class Meta:

@@ -48,6 +48,7 @@ def train_curriculum(
     start, history = resume_state(checkpoint, run_key, parts, generator)
     num_blocks = backbone.num_blocks
     steps = math.ceil(min(cfg.images_per_epoch, len(train)) / cfg.batch_size)
+    scored = val.head(cfg.val_images)  # a per-epoch curve only: it draws no random numbers, changes no weights
 
     for epoch in range(start, cfg.epochs):
         learnable = rl.curriculum_mask(epoch, num_blocks)
@@ -71,9 +72,9 @@ def train_curriculum(
             totals["blocks"] += r.actions.sum().item()
             totals["advantage"] += r.advantage.sum().item()
         # Validate the greedy policy under the same curriculum: the forced-on blocks stay on.
-        logits, actions = run_policy(backbone, policy_net, val, normalize, precision=precision,
+        logits, actions = run_policy(backbone, policy_net, scored, normalize, precision=precision,
                                      learnable=learnable)
-        summary = policy_summary(logits, actions, val.labels, cfg.penalty)
+        summary = policy_summary(logits, actions, scored.labels, cfg.penalty)
         row = {
             "epoch": epoch + 1, "unlocked_blocks": int(learnable.sum()),
             **{f"train/{k}": v / seen for k, v in totals.items()},
