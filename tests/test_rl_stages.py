@@ -34,28 +34,28 @@ def models() -> tuple[torch.nn.Module, torch.nn.Module]:
     return cifar_resnet(14, 10, 1), policy_resnet8(K, 1)
 
 
-def run_curriculum(state: Path, interrupt_after: int | None = None) -> list[dict]:
+def train_tiny(train, cfg: Curriculum | Finetune, state: Path, interrupt_after: int | None = None):
+    """Run an RL stage (``train_curriculum`` or ``finetune_jointly``) on tiny data with fresh models;
+    return its history and the two trained models."""
     backbone, policy = models()
-    cfg = Curriculum(epochs=3, images_per_epoch=64, batch_size=32, crop_padding=2)
 
     def on_epoch(row: dict) -> None:
         if interrupt_after is not None and row["epoch"] == interrupt_after:
             raise Interrupt
 
-    return train_curriculum(backbone, policy, tiny_split(96, 1), tiny_split(40, 2), Normalize([0.2], [0.3], "cpu"),
-                            cfg, torch.Generator().manual_seed(0), "fp32", state, "key", on_epoch)
+    history = train(backbone, policy, tiny_split(96, 1), tiny_split(40, 2), Normalize([0.2], [0.3], "cpu"),
+                    cfg, torch.Generator().manual_seed(0), "fp32", state, "key", on_epoch)
+    return history, backbone, policy
+
+
+def run_curriculum(state: Path, interrupt_after: int | None = None) -> list[dict]:
+    cfg = Curriculum(epochs=3, images_per_epoch=64, batch_size=32, crop_padding=2)
+    return train_tiny(train_curriculum, cfg, state, interrupt_after)[0]
 
 
 def run_finetune(state: Path, interrupt_after: int | None = None) -> list[dict]:
-    backbone, policy = models()
-
-    def on_epoch(row: dict) -> None:
-        if interrupt_after is not None and row["epoch"] == interrupt_after:
-            raise Interrupt
-
     cfg = Finetune(epochs=2, images_per_epoch=64, batch_size=32, crop_padding=2)
-    return finetune_jointly(backbone, policy, tiny_split(96, 1), tiny_split(40, 2), Normalize([0.2], [0.3], "cpu"),
-                            cfg, torch.Generator().manual_seed(0), "fp32", state, "key", on_epoch)
+    return train_tiny(finetune_jointly, cfg, state, interrupt_after)[0]
 
 
 @pytest.mark.parametrize("run", [run_curriculum, run_finetune], ids=["curriculum", "finetune"])
@@ -95,11 +95,8 @@ def test_curriculum_validation_subset_changes_only_the_curve(tmp_path: Path) -> 
     # trained policy and every training number are the same as when all of them are scored.
     runs = {}
     for n in (0, 10):
-        backbone, policy = models()
         cfg = Curriculum(epochs=2, images_per_epoch=64, batch_size=32, crop_padding=2, val_images=n)
-        history = train_curriculum(backbone, policy, tiny_split(96, 1), tiny_split(40, 2),
-                                   Normalize([0.2], [0.3], "cpu"), cfg, torch.Generator().manual_seed(0), "fp32",
-                                   tmp_path / f"{n}.pt", "key")
+        history, _, policy = train_tiny(train_curriculum, cfg, tmp_path / f"{n}.pt")
         runs[n] = history, policy.state_dict()
     (all_rows, all_weights), (sub_rows, sub_weights) = runs[0], runs[10]
     for a, b in zip(all_rows, sub_rows, strict=True):
@@ -114,11 +111,8 @@ def test_finetune_greedy_cross_entropy_trains_the_greedy_paths(tmp_path: Path) -
     # backbone ends elsewhere; 0 is the paper's loss.
     results = {}
     for weight in (0.0, 1.0):
-        backbone, policy = models()
         cfg = Finetune(epochs=1, images_per_epoch=64, batch_size=32, crop_padding=2, greedy_ce=weight)
-        history = finetune_jointly(backbone, policy, tiny_split(96, 1), tiny_split(40, 2),
-                                   Normalize([0.2], [0.3], "cpu"), cfg, torch.Generator().manual_seed(0), "fp32",
-                                   tmp_path / f"{weight}.pt", "key")
+        history, backbone, _ = train_tiny(finetune_jointly, cfg, tmp_path / f"{weight}.pt")
         results[weight] = history[0], backbone.state_dict()
     (paper, paper_w), (greedy, greedy_w) = results[0.0], results[1.0]
     assert greedy["train/ce"] > 1.5 * paper["train/ce"]  # two cross-entropies of similar size, not one
