@@ -103,6 +103,7 @@ class Finetune(Section):
     images_per_epoch: PositiveInt = 55000
     batch_size: PositiveInt = 256
     lr: PositiveFloat = 1e-4
+    backbone_lr: NonNegFloat = 0.0  # Adam's lr for the backbone (0: lr, as in the paper)
     alpha: Annotated[Float, Field(gt=0.5, le=1.0)] = 0.8
     penalty: NonNegFloat = 5.0
     pg_reduction: Literal["mean", "sum"] = "mean"  # authors' code sums over the batch here

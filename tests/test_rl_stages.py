@@ -117,3 +117,17 @@ def test_finetune_greedy_cross_entropy_trains_the_greedy_paths(tmp_path: Path) -
     (paper, paper_w), (greedy, greedy_w) = results[0.0], results[1.0]
     assert greedy["train/ce"] > 1.5 * paper["train/ce"]  # two cross-entropies of similar size, not one
     assert not all(torch.equal(paper_w[k], greedy_w[k]) for k in paper_w)
+
+
+def test_finetune_backbone_lr_sets_the_backbone_step(tmp_path: Path) -> None:
+    # Adam's first step moves each weight by its group's lr times m / sqrt(v) = g / |g| = +-1: after one
+    # step the largest change is `backbone_lr` in the backbone and `lr` in the policy network.
+    cfg = Finetune(epochs=1, images_per_epoch=32, batch_size=32, crop_padding=2, lr=1e-3, backbone_lr=4e-3)
+    _, backbone, policy = train_tiny(finetune_jointly, cfg, tmp_path / "s.pt")
+    backbone0, policy0 = models()
+
+    def largest_step(after: torch.nn.Module, before: torch.nn.Module) -> float:
+        return max((a - b).abs().max().item() for a, b in zip(after.parameters(), before.parameters(), strict=True))
+
+    assert largest_step(backbone, backbone0) == pytest.approx(4e-3, rel=1e-3)
+    assert largest_step(policy, policy0) == pytest.approx(1e-3, rel=1e-3)

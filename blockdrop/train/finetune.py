@@ -49,7 +49,8 @@ def finetune_jointly(
 ) -> list[dict[str, float]]:
     """Train ``backbone`` and ``policy_net`` in place; return one history row per epoch."""
     backbone.requires_grad_(True)
-    optimizer = torch.optim.Adam([*policy_net.parameters(), *backbone.parameters()], lr=cfg.lr)
+    optimizer = torch.optim.Adam([{"params": policy_net.parameters()},
+                                  {"params": backbone.parameters(), "lr": cfg.backbone_lr or cfg.lr}], lr=cfg.lr)
     parts = {"policy": policy_net, "backbone": backbone, "optimizer": optimizer}
     start, history = resume_state(checkpoint, run_key, parts, generator)
     all_blocks = torch.ones(backbone.num_blocks, dtype=torch.bool)
