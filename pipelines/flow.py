@@ -2,8 +2,9 @@
 
 * ``blockdrop-pipeline``: opens a parent MLflow run, then runs every DVC stage as its own Prefect task, in
   the order DVC itself would (read from ``dvc.yaml`` through DVC's API: this file never lists stages).
-  Each task is ``dvc repro --single-item <stage>`` in a subprocess, which inherits
-  ``$BLOCKDROP_PARENT_RUN_ID`` so the stage's MLflow run nests under the parent. Failed stages are retried
+  Each task is ``dvc repro --single-item <stage>`` through DVC's API in this process; the stage's command
+  inherits ``$BLOCKDROP_PARENT_RUN_ID`` so its MLflow run nests under the parent, and its output goes both
+  to the terminal and to the task's log in Prefect. Failed stages are retried
   (``flow.retries``), except a stage that exits 2: its params are invalid, and retrying cannot help. A
   stage DVC finds up to date is not run and is recorded as ``skipped`` on the parent run (tags
   ``stage.<name>``, metrics, and the artifact ``flow/stages.json``).
@@ -18,12 +19,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import contextvars
 import json
+import logging
+import logging.handlers
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections import deque
@@ -32,11 +37,12 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.logging.handlers import APILogHandler
 
 from blockdrop import tracking
 from blockdrop.config import Params, load_params
 
-__all__ = ["BadParamsError", "StageFailedError", "dag_order", "pipeline_flow", "retrain_flow", "stage_status"]
+__all__ = ["BadParamsError", "StageFailedError", "dag_order", "pipeline_flow", "retrain_flow"]
 
 PIPELINE = "blockdrop-pipeline"
 RETRAIN = "blockdrop-retrain"
@@ -74,14 +80,6 @@ def dag_order(root: Path) -> list[str]:
         return [stage.addressing for stage in plan_repro(repo.index.graph)]
 
 
-def stage_status(root: Path, stage: str) -> dict[str, Any]:
-    """What ``dvc status <stage>`` reports: empty when the stage is up to date."""
-    from dvc.repo import Repo
-
-    with Repo(str(root)) as repo:
-        return repo.status(targets=[stage])
-
-
 def _stage_env() -> dict[str, str]:
     """The flow's environment (with the parent run id) plus this interpreter's bin first on PATH, so a
     stage's ``python`` is the one running the flow."""
@@ -105,43 +103,95 @@ def _retry_unless_bad_params(task: Any, task_run: Any, state: Any) -> bool:
     return True
 
 
+class _StageOutput:
+    """While open, whatever this process and its children write to fd 1 and 2 (the stage's own output,
+    DVC's and Prefect's console messages) still reaches the terminal as it comes, and each line also goes
+    to this task run's log in the Prefect API (through a logger with only the API handler: the console
+    handler writes to fd 2, which would loop) and to ``tail``. DVC's log records are kept too.
+
+    DVC runs a stage's command as a child that inherits these file descriptors; redirecting them is the
+    only way to see that output when DVC runs in this process.
+    """
+
+    def __init__(self, stage: str, tail: int = 40) -> None:
+        self.stage = stage
+        self.tail: deque[str] = deque(maxlen=tail)
+        self._api = logging.getLogger("blockdrop.flow.stage_output")
+        self._api.propagate = False
+        self._api.setLevel(logging.INFO)
+        if not self._api.handlers:
+            self._api.addHandler(APILogHandler())
+        self._extra = dict(getattr(get_run_logger(), "extra", {}))
+
+    def __enter__(self) -> _StageOutput:
+        sys.stdout.flush(), sys.stderr.flush()
+        self._saved = os.dup(1), os.dup(2)
+        read, write = os.pipe()
+        os.dup2(write, 1), os.dup2(write, 2)
+        os.close(write)
+        self.dvc_messages = logging.handlers.BufferingHandler(capacity=1_000_000)  # DVC's, to tell what it did
+        dvc_logger = logging.getLogger("dvc")
+        self._dvc_level = dvc_logger.level
+        dvc_logger.setLevel(logging.INFO)  # "Running stage ...", "... didn't change, skipping", as its CLI says
+        dvc_logger.addHandler(self.dvc_messages)
+        # The thread runs in a copy of this context: Prefect's settings (the API's URL) live in context vars.
+        context = contextvars.copy_context()
+        self._pump = threading.Thread(target=context.run, args=(self._forward, read), daemon=True)
+        self._pump.start()
+        return self
+
+    def _forward(self, read: int) -> None:
+        with os.fdopen(read, "rb", buffering=0) as pipe:
+            for raw in iter(pipe.readline, b""):
+                os.write(self._saved[0], raw)
+                line = raw.decode(errors="replace").rstrip()
+                self.tail.append(line)
+                self._api.info("%s | %s", self.stage, line, extra=self._extra)
+
+    def __exit__(self, *exc: object) -> None:
+        logging.getLogger("dvc").removeHandler(self.dvc_messages)
+        logging.getLogger("dvc").setLevel(self._dvc_level)
+        sys.stdout.flush(), sys.stderr.flush()
+        os.dup2(self._saved[0], 1), os.dup2(self._saved[1], 2)  # closes our pipe's last write ends
+        self._pump.join()
+        os.close(self._saved[0]), os.close(self._saved[1])
+
+    def dvc_said(self, text: str) -> bool:
+        return any(text in record.getMessage() for record in self.dvc_messages.buffer)
+
+
 @task(name="dvc-stage", task_run_name="{stage}", cache_policy=NO_CACHE, retry_condition_fn=_retry_unless_bad_params)
 def run_stage(stage: str, root: str, force: bool = False) -> dict[str, Any]:
-    """``dvc repro --single-item <stage>``; returns ``{"stage", "status": ran|skipped|restored, "seconds"}``.
+    """``dvc repro --single-item <stage>`` through DVC's API, in this process (a DVC process per stage
+    would cost ~2.5 s of start-up each); returns ``{"stage", "status": ran|skipped|restored, "seconds"}``.
 
     ``restored``: DVC's run cache held outputs for exactly these deps and params, and checked them out.
     """
+    from dvc.repo import Repo
+
     logger = get_run_logger()
-    if not force:
-        changes = stage_status(Path(root), stage)
-        if not changes:
-            logger.info("stage %s is up to date: skipped", stage)
-            return {"stage": stage, "status": "skipped", "seconds": 0.0}
-        logger.info("stage %s changed: %s", stage, json.dumps(changes.get(stage, changes), default=str)[:500])
-    cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage, *(["--force"] if force else [])]
     t0 = time.perf_counter()
-    tail: deque[str] = deque(maxlen=40)
-    restored = unchanged = False
-    with subprocess.Popen(cmd, cwd=root, env=_stage_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, bufsize=1) as proc:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            line = line.rstrip()
-            tail.append(line)
-            restored |= "skipping run, checking out outputs" in line  # DVC's run cache had these outputs
-            unchanged |= "didn't change, skipping" in line
-            logger.info("%s | %s", stage, line)
-    seconds = time.perf_counter() - t0
-    output = "\n".join(tail)
-    if proc.returncode != 0:
-        exited = re.findall(r"exited with (-?\d+)", output)
-        code = int(exited[-1]) if exited else proc.returncode
-        errors = ([ln for ln in tail if ln.startswith("error:")] or [ln for ln in tail if "ERROR" in ln]
-                  or list(tail)[-1:])
-        message = f"stage {stage} failed (exit {code}): {errors[-1] if errors else 'no output'}"
-        raise (BadParamsError if code == BAD_PARAMS_EXIT else StageFailedError)(message)
-    status = "skipped" if unchanged else "restored" if restored else "ran"
-    return {"stage": stage, "status": status, "seconds": round(seconds, 3)}
+    with Repo(root) as repo:
+        if not force:
+            changes = repo.status(targets=[stage])
+            if not changes:
+                logger.info("stage %s is up to date: skipped", stage)
+                return {"stage": stage, "status": "skipped", "seconds": 0.0}
+            logger.info("stage %s changed: %s", stage, json.dumps(changes.get(stage, changes), default=str)[:500])
+        with _StageOutput(stage) as output:
+            try:
+                repo.reproduce(stage, single_item=True, force=force, run_env=_stage_env())
+            except Exception as error:  # DVC's ReproductionError, caused by the command's exit
+                cause = f"{error}: {error.__cause__}" if error.__cause__ else str(error)
+                exited = re.findall(r"exited with (-?\d+)", cause)
+                code = int(exited[-1]) if exited else 1
+                lines = list(output.tail)
+                errors = [ln for ln in lines if ln.startswith("error:")] or [ln for ln in lines if "ERROR" in ln]
+                message = f"stage {stage} failed (exit {code}): {errors[-1] if errors else cause}"
+                raise (BadParamsError if code == BAD_PARAMS_EXIT else StageFailedError)(message) from error
+    status = ("skipped" if output.dvc_said("didn't change, skipping")
+              else "restored" if output.dvc_said("skipping run, checking out outputs") else "ran")
+    return {"stage": stage, "status": status, "seconds": round(time.perf_counter() - t0, 3)}
 
 
 def _record_stages(run: tracking.StageRun, results: list[dict[str, Any]]) -> None:

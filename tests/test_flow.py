@@ -2,9 +2,9 @@
 
 Fast tests (default suite) run the pipeline flow on a toy DVC project whose stages are small scripts that
 log through ``blockdrop.tracking``: DAG order read from DVC, nesting under the parent run, params per
-stage, skipped stages, retries, and no retry for bad params. The slow tests run the real pipeline on the
-tiny profile in a copy of the repository: the retrain flow twice, with a deliberately degraded model
-registered as the challenger in between.
+stage, stage output in the Prefect task logs, skipped and restored stages, retries, and no retry for bad
+params. The others run the real pipeline on the tiny profile in a copy of the repository: the retrain flow
+twice, with a deliberately degraded model registered as the challenger in between.
 
 One Prefect test harness (a temporary API server, 10-20 s to start) serves the whole session.
 """
@@ -113,6 +113,7 @@ STEP = textwrap.dedent('''
         print(f"error: stage {stage}: a transient failure", file=sys.stderr)
         raise SystemExit(1)
     params = load_params("bad-params.yaml" if mode == "bad-params" else "params.yaml")  # exits 2 if invalid
+    print(f"toy stage {stage} runs in {Path.cwd()}")
     with tracking.stage_run(stage, params) as run:
         run.log_metrics({"toy": {"attempts": len(Path(f"attempts/{stage}").read_text().split())}})
     Path("out").mkdir(exist_ok=True)
@@ -157,7 +158,8 @@ def attempts(project: Project, stage: str) -> int:
 @pytest.fixture(scope="module")
 def toy_runs(flows, tmp_path_factory, isolated_env):
     """Three runs of the pipeline flow on one toy project: a first run (stage b fails once, then passes on
-    its retry), a second with nothing changed, and a third after a param only stage c reads changed."""
+    its retry), a second with nothing changed, a third after a param only stage c reads changed, and a
+    fourth with that param changed back (DVC's run cache holds c's outputs for it)."""
     project = make_toy(tmp_path_factory.mktemp("toy") / "project", behaviour={"b": "fail-once"})
     project.enter(isolated_env)
     first = flows.pipeline_flow()
@@ -167,18 +169,21 @@ def toy_runs(flows, tmp_path_factory, isolated_env):
     params["evaluate"]["batch_size"] += 1
     (project.root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     third = flows.pipeline_flow()
-    return project, first, second, third
+    params["evaluate"]["batch_size"] -= 1
+    (project.root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    fourth = flows.pipeline_flow()
+    return project, first, second, third, fourth
 
 
 def test_dag_order_comes_from_dvc(flows, toy_runs) -> None:
-    project, first, _, _ = toy_runs
+    project, first, *_ = toy_runs
     assert flows.dag_order(project.root) == ["a", "b", "c"]
     assert [s["stage"] for s in first["stages"]] == ["a", "b", "c"]
     assert [s["status"] for s in first["stages"]] == ["ran", "ran", "ran"]
 
 
 def test_one_nested_run_per_stage_with_its_params(toy_runs) -> None:
-    project, first, _, _ = toy_runs
+    project, first, *_ = toy_runs
     parent = project.client.get_run(first["parent_run_id"])
     assert parent.info.run_name == "blockdrop-pipeline" and parent.info.status == "FINISHED"
     assert {k: v for k, v in parent.data.tags.items() if k.startswith("stage.")} == {
@@ -191,8 +196,23 @@ def test_one_nested_run_per_stage_with_its_params(toy_runs) -> None:
     assert set(children[1].data.params) == {"pretrain.epochs", "model.depth"}  # both forms of dvc.yaml params
 
 
+def test_stage_output_reaches_the_task_log_in_prefect(flows, toy_runs) -> None:
+    from prefect import get_client
+    from prefect.logging.handlers import APILogHandler
+
+    project, *_ = toy_runs
+    APILogHandler().flush()  # logs reach the API in batches
+    with get_client(sync_client=True) as client:
+        logs: list = []
+        while batch := client.read_logs(limit=200, offset=len(logs)):
+            logs += batch
+        printed = {client.read_task_run(log.task_run_id).name: log.message for log in logs
+                   if log.task_run_id and str(project.root) in log.message}
+    assert printed == {s: f"{s} | toy stage {s} runs in {project.root}" for s in "abc"}
+
+
 def test_transient_failure_is_retried(toy_runs) -> None:
-    project, first, _, _ = toy_runs
+    project, first, *_ = toy_runs
     assert attempts(project, "a") == 1
     assert attempts(project, "b") == 2  # failed once (exit 1), passed on the retry
     children = project.children(first["parent_run_id"])
@@ -200,7 +220,7 @@ def test_transient_failure_is_retried(toy_runs) -> None:
 
 
 def test_up_to_date_stages_are_recorded_as_skipped(toy_runs) -> None:
-    project, _, second, third = toy_runs
+    project, _, second, third, _ = toy_runs
     assert [s["status"] for s in second["stages"]] == ["skipped", "skipped", "skipped"]
     assert [s["status"] for s in third["stages"]] == ["skipped", "skipped", "ran"]
     for result, ran in ((second, []), (third, ["c"])):
@@ -214,6 +234,14 @@ def test_up_to_date_stages_are_recorded_as_skipped(toy_runs) -> None:
                              .read_text())
         assert [s["status"] for s in summary["stages"]] == [s["status"] for s in result["stages"]]
     assert attempts(project, "c") == 2 and attempts(project, "a") == 1
+
+
+def test_stages_restored_from_the_run_cache_are_recorded_as_restored(toy_runs) -> None:
+    project, *_, fourth = toy_runs
+    assert [s["status"] for s in fourth["stages"]] == ["skipped", "skipped", "restored"]
+    assert attempts(project, "c") == 2  # not run again: DVC checked out the outputs of its first run
+    assert (project.root / "out/c.txt").read_text() == "c\n"
+    assert project.client.get_run(fourth["parent_run_id"]).data.tags["stage.c"] == "restored"
 
 
 def test_bad_params_fail_without_retry(flows, tmp_path, monkeypatch) -> None:
