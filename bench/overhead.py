@@ -2,7 +2,8 @@
 
 1. ``dvc repro --force`` and then ``python -m pipelines.flow run --force`` (the Prefect flow: a temporary
    Prefect API, one task per stage, a parent MLflow run) in the same copy, each timed from outside as
-   a subprocess; both run every stage. Printed as ``flow overhead: +X s (ratio Y)``.
+   a subprocess; both run every stage (the flow through DVC's API, in its own process). Printed as
+   ``flow overhead: +X s (ratio Y)``.
 2. Every stage records, through ``$BLOCKDROP_TRACKING_TIMES``, the seconds its own process spent in
    ``blockdrop.tracking`` (importing mlflow, connecting, starting and ending the run, logging params,
    metrics, artifacts and the model) and the lifetime of the process; the ratio is MLflow's share.
@@ -131,7 +132,7 @@ def main() -> None:
     tasks = flow_task_seconds(uri)
     print(f"  dvc:  {stages['dvc']:6.1f} s in {len(rows['dvc'])} stage processes, {orch_dvc:5.1f} s outside them")
     print(f"  flow: {stages['flow']:6.1f} s in {len(rows['flow'])} stage processes, {orch_flow:5.1f} s outside them: "
-          f"{tasks - stages['flow']:.1f} s launching `dvc repro --single-item` per stage, "
+          f"{tasks - stages['flow']:.1f} s in DVC's API around the stages (checks, hashes, lock file), "
           f"{flow - tasks:.1f} s Prefect (import, temporary API server, flow and task runs) and the parent run")
     extra = orch_flow - orch_dvc
     print(f"flow overhead: {extra:+.1f} s (ratio {(plain + extra) / plain:.2f})  "
