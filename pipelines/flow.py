@@ -379,7 +379,17 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "serve":
         serve(args.port)
         return
-    result = (pipeline_flow if args.command == "run" else retrain_flow)(force=args.force)
+    chosen = pipeline_flow if args.command == "run" else retrain_flow
+    local = f"http://127.0.0.1:{PREFECT_PORT}/api"
+    if not os.environ.get("PREFECT_API_URL") and _healthy(local, timeout=0.5):
+        # The server `make schedule` runs: its UI shows this run, and no temporary server (~15 s) is started.
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        print(f"using the Prefect server at {local}", flush=True)
+        with temporary_settings(updates={PREFECT_API_URL: local}):
+            result = chosen(force=args.force)
+    else:
+        result = chosen(force=args.force)
     stages = result["stages"] if args.command == "run" else result["pipeline"]["stages"]
     print("stages: " + ", ".join(f"{s['stage']} {s['status']}" for s in stages))
     if args.command == "retrain":
