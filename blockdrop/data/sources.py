@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torchvision import datasets
 
 __all__ = ["DEBIAN_FASHION_MNIST", "DataSourceError", "RawData", "load_source"]
 
@@ -49,9 +48,9 @@ def _from_torchvision(cls: type, root: Path, download: bool) -> tuple[RawData, l
     return raw, list(train.classes)
 
 
-def _fashion_mnist(raw_dir: Path) -> RawData:
+def _fashion_mnist(cls: type, raw_dir: Path) -> RawData:
     folder = raw_dir / "FashionMNIST" / "raw"  # torchvision's own layout under the root
-    names = [Path(name).stem for name, _ in datasets.FashionMNIST.resources]  # '*-ubyte', uncompressed
+    names = [Path(name).stem for name, _ in cls.resources]  # '*-ubyte', uncompressed
     if not all((folder / n).exists() for n in names) and all(
         (DEBIAN_FASHION_MNIST / f"{n}.gz").exists() for n in names
     ):
@@ -63,7 +62,7 @@ def _fashion_mnist(raw_dir: Path) -> RawData:
                 shutil.copyfileobj(src, dst)
     local = all((folder / n).exists() for n in names)
     try:
-        raw, _ = _from_torchvision(datasets.FashionMNIST, raw_dir, download=not local)
+        raw, _ = _from_torchvision(cls, raw_dir, download=not local)
     except Exception as e:  # no network, partial files, a proxy page instead of data ...
         raise DataSourceError(
             f"Fashion-MNIST is not available ({type(e).__name__}: {e}). Do one of: "
@@ -91,9 +90,13 @@ def _cifar(cls: type, raw_dir: Path) -> RawData:
 
 def load_source(source: str, raw_dir: str | Path) -> RawData:
     """Read ``source`` (``fashion-mnist``, ``cifar10``, ``cifar100``) as uint8 NCHW tensors."""
+    # Imported here, not at the top: torchvision's import pulls in torch._dynamo (~2.5 s on this CPU), and
+    # only `prepare` reads raw data; every other stage imports this module for its types.
+    from torchvision import datasets
+
     raw_dir = Path(raw_dir)
     if source == "fashion-mnist":
-        return _fashion_mnist(raw_dir)
+        return _fashion_mnist(datasets.FashionMNIST, raw_dir)
     if source == "cifar10":
         return _cifar(datasets.CIFAR10, raw_dir)
     if source == "cifar100":
