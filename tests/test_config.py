@@ -59,6 +59,7 @@ MISTAKES = [
     ("precision: fp16", "precision"),
     ("finetune: {pg_reduction: max}", "finetune.pg_reduction"),
     ("model: {depth: 2}", "model.depth"),  # below the smallest ResNet
+    ("pretrain: {crop_size: 22}", "pretrain.crop_size"),  # 22 -> 11 -> the shortcut's pooling gives 5, not 6
     ("evaluate: {batch_size: 0}", "evaluate.batch_size"),
     ("curriculum: {penalty: -1.0}", "curriculum.penalty"),
     ("seed: -3", "seed"),

@@ -25,7 +25,7 @@ from blockdrop.predict import accuracy, predict
 from blockdrop.runtime import autocast
 from blockdrop.train.resume import resume_state, save_state
 
-__all__ = ["PretrainResult", "drop_path_policy", "pretrain_backbone", "warmup_cosine"]
+__all__ = ["PretrainResult", "drop_path_policy", "pretrain_backbone", "stochastic_depth_forward", "warmup_cosine"]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,23 @@ def drop_path_policy(batch: int, num_blocks: int, p_last: float, generator: torc
     """
     drop = p_last * torch.arange(1, num_blocks + 1) / num_blocks
     return (torch.rand(batch, num_blocks, generator=generator) >= drop).float()
+
+
+def stochastic_depth_forward(
+    model: CifarResNet, x: torch.Tensor, p_last: float, unit: str, generator: torch.Generator
+) -> torch.Tensor:
+    """Training logits under stochastic depth with last-block drop probability ``p_last``.
+
+    ``unit="batch"`` is Huang et al.'s form: one draw per mini-batch, and a dropped block is not computed
+    at all, forward or backward (at ``p_last`` 0.5 on 15 blocks, 27% of the block compute is saved).
+    ``unit="image"`` draws per image (timm's DropPath) and must run every block on every image, with the
+    dropped outputs multiplied by 0 (the dense masked formula, BatchNorm over the whole batch).
+    """
+    if p_last == 0:
+        return model(x)
+    if unit == "batch":
+        return model.forward_skipping(x, drop_path_policy(1, model.num_blocks, p_last, generator)[0])
+    return model.forward_masked(x, drop_path_policy(len(x), model.num_blocks, p_last, generator).to(x.device))
 
 
 def warmup_cosine(step: int, total: int, warmup: int) -> float:
@@ -90,12 +107,8 @@ def pretrain_backbone(
                          crop_padding=cfg.crop_padding, crop_size=cfg.crop_size, flip=cfg.flip)
         for x, y in tqdm(stream, total=steps_per_epoch, desc=f"pretrain {epoch + 1}/{cfg.epochs}",
                          leave=False, mininterval=5):
-            policy = None
-            if cfg.drop_path > 0:
-                policy = drop_path_policy(len(y), model.num_blocks, cfg.drop_path, generator).to(device)
             with autocast(precision, device):
-                # Stochastic depth as Huang et al. train it: the dense masked form, BN over the whole batch.
-                logits = model(x) if policy is None else model.forward_masked(x, policy)
+                logits = stochastic_depth_forward(model, x, cfg.drop_path, cfg.drop_path_unit, generator)
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
