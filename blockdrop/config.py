@@ -81,7 +81,7 @@ class Pretrain(Section):
     drop_path_unit: Literal["image", "batch"] = "image"  # per image, dense | per batch, skipped (Huang et al.)
     crop_padding: NonNegInt = 4
     # Train on random crop_size x crop_size windows (0: full size) and test on whole images. Smaller
-    # crops are cheaper: 20x20 windows cost half what 28x28 Fashion-MNIST images do, per image.
+    # crops are cheaper: a 20x20 window has half the pixels of a 28x28 Fashion-MNIST image.
     crop_size: NonNegInt = 0
     flip: bool = True
 
