@@ -39,8 +39,14 @@ def _atomic(path: Path, write) -> None:
 
 
 def save_atomic(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to ``path`` without ever exposing a partial file there."""
-    _atomic(Path(path), lambda tmp: torch.save(obj, tmp))
+    """``torch.save`` to ``path`` without ever exposing a partial file there.
+
+    The bytes depend on ``obj`` only. ``torch.save`` to a file names the records inside its zip after that
+    file, so saving to the random temporary name would give the same weights a new DVC hash on every run.
+    """
+    buf = io.BytesIO()
+    torch.save(obj, buf)  # records are then named "archive/...", whatever the destination
+    _atomic(Path(path), lambda tmp: Path(tmp).write_bytes(buf.getvalue()))
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -307,6 +307,17 @@ def test_policy_and_blockdrop_round_trip(tmp_path: Path) -> None:
     assert same_state(b2, backbone) and same_state(p2, policy) and not b2.training and not p2.training
 
 
+def test_same_weights_give_the_same_file_bytes(tmp_path: Path) -> None:
+    # DVC versions model files by md5: the same weights must hash the same whatever the file's name
+    # (torch.save into a named file would embed that name, and ours are written via random temp names).
+    torch.manual_seed(0)
+    model = cifar_resnet(20, 10, 1)
+    save_backbone(model, tmp_path / "a.pt")
+    save_backbone(model, tmp_path / "b.pt")
+    assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b.pt").read_bytes()
+    assert same_state(load_backbone(tmp_path / "b.pt"), model)
+
+
 @pytest.mark.parametrize("loader", [load_backbone, load_policy, load_blockdrop])
 def test_corrupted_checkpoint_names_the_file(tmp_path: Path, loader) -> None:
     path = tmp_path / "broken.pt"
