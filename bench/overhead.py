@@ -23,13 +23,11 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,6 +35,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
 from tinyrepo import make_tiny_repo  # noqa: E402
+
+from pipelines.prefect_server import api_url, local_server  # noqa: E402
 
 FLOW_GOAL_S = 20.0
 LABELS = {"dvc": "dvc repro --force:",
@@ -66,30 +66,10 @@ def prefect_server(env: dict[str, str], log: Path) -> Iterator[str]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    api = f"http://127.0.0.1:{port}/api"
-    prefect = Path(sys.executable).parent / "prefect"
     t0 = time.perf_counter()
-    with log.open("w") as out:
-        server = subprocess.Popen([str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                                  env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        while True:
-            try:
-                urllib.request.urlopen(f"{api}/health", timeout=2).close()
-                break
-            except OSError:
-                if server.poll() is not None or time.perf_counter() - t0 > 180:
-                    sys.exit(f"error: prefect server start did not come up; see {log}")
-                time.sleep(0.5)
+    with log.open("w") as out, local_server(port, env, stdout=out, startup_timeout_s=180):
         print(f"(Prefect server started once, untimed: {time.perf_counter() - t0:.1f} s)", flush=True)
-        yield api
-    finally:
-        os.killpg(server.pid, signal.SIGINT)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+        yield api_url(port)
 
 
 def flow_task_seconds(uri: str) -> float:

@@ -18,7 +18,6 @@ that imports prefect; the stages and the library know nothing of it.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import contextvars
 import json
 import logging
@@ -26,11 +25,9 @@ import logging.handlers
 import os
 import re
 import signal
-import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -41,6 +38,7 @@ from prefect.logging.handlers import APILogHandler
 
 from blockdrop import tracking
 from blockdrop.config import Params, load_params
+from pipelines.prefect_server import api_url, healthy, local_server
 
 __all__ = ["BadParamsError", "StageFailedError", "dag_order", "pipeline_flow", "retrain_flow"]
 
@@ -300,34 +298,6 @@ def retrain_flow(force: bool = False) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------- schedule
 
 
-def _healthy(api: str, timeout: float = 2.0) -> bool:
-    try:
-        with urllib.request.urlopen(f"{api}/health", timeout=timeout) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
-
-def _start_server(port: int) -> subprocess.Popen:
-    """``prefect server start`` on 127.0.0.1 in its own session (Ctrl-C reaches us, not it)."""
-    prefect = Path(sys.executable).parent / "prefect"
-    cmd = [str(prefect) if prefect.exists() else "prefect", "server", "start", "--host", "127.0.0.1",
-           "--port", str(port)]
-    print(f"starting the Prefect server: {' '.join(cmd)}", flush=True)
-    return subprocess.Popen(cmd, env=_stage_env(), start_new_session=True)
-
-
-def _stop(server: subprocess.Popen) -> None:
-    print("stopping the Prefect server we started", flush=True)
-    try:
-        os.killpg(server.pid, signal.SIGINT)
-        server.wait(timeout=30)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(server.pid, signal.SIGKILL)
-        server.wait()
-
-
 def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
@@ -339,32 +309,20 @@ def serve(port: int = PREFECT_PORT, startup_timeout_s: float = 120.0) -> None:
 
     root = project_root()
     params = _load(root)
-    api = f"http://127.0.0.1:{port}/api"
-    server = None
+    api = api_url(port)
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the server too (Prefect's runner takes over later)
     try:
-        if not _healthy(api):
-            server = _start_server(port)
-            deadline = time.monotonic() + startup_timeout_s
-            while not _healthy(api):
-                if server.poll() is not None:
-                    raise SystemExit(f"error: the Prefect server exited with {server.returncode} (port {port} busy?)")
-                if time.monotonic() > deadline:
-                    raise SystemExit(f"error: the Prefect server did not answer on {api} in {startup_timeout_s:.0f} s")
-                time.sleep(1)
-        os.environ["PREFECT_API_URL"] = api  # for the flow runs the server's runner starts
-        print(f"serving {RETRAIN} as deployment {DEPLOYMENT!r} on cron {params.flow.cron!r} (flow.cron)\n"
-              f"  runs, schedule and logs: Prefect UI at http://127.0.0.1:{port} (Deployments -> {DEPLOYMENT})\n"
-              f"  run now: PREFECT_API_URL={api} prefect deployment run '{RETRAIN}/{DEPLOYMENT}'\n"
-              f"  MLflow runs: make ui.  Ctrl-C stops serving" + (" and the server." if server else "."),
-              flush=True)
-        with temporary_settings(updates={PREFECT_API_URL: api}):
-            retrain_flow.serve(name=DEPLOYMENT, cron=params.flow.cron)
+        with local_server(port, _stage_env(), startup_timeout_s=startup_timeout_s) as started:
+            os.environ["PREFECT_API_URL"] = api  # for the flow runs the server's runner starts
+            print(f"serving {RETRAIN} as deployment {DEPLOYMENT!r} on cron {params.flow.cron!r} (flow.cron)\n"
+                  f"  runs, schedule and logs: Prefect UI at http://127.0.0.1:{port} (Deployments -> {DEPLOYMENT})\n"
+                  f"  run now: PREFECT_API_URL={api} prefect deployment run '{RETRAIN}/{DEPLOYMENT}'\n"
+                  f"  MLflow runs: make ui.  Ctrl-C stops serving" + (" and the server." if started else "."),
+                  flush=True)
+            with temporary_settings(updates={PREFECT_API_URL: api}):
+                retrain_flow.serve(name=DEPLOYMENT, cron=params.flow.cron)
     except KeyboardInterrupt:
         print("\ninterrupted", flush=True)
-    finally:
-        if server is not None:
-            _stop(server)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -380,8 +338,8 @@ def main(argv: list[str] | None = None) -> None:
         serve(args.port)
         return
     chosen = pipeline_flow if args.command == "run" else retrain_flow
-    local = f"http://127.0.0.1:{PREFECT_PORT}/api"
-    if not os.environ.get("PREFECT_API_URL") and _healthy(local, timeout=0.5):
+    local = api_url(PREFECT_PORT)
+    if not os.environ.get("PREFECT_API_URL") and healthy(local, timeout=0.5):
         # The server `make schedule` runs: its UI shows this run, and no temporary server (~15 s) is started.
         from prefect.settings import PREFECT_API_URL, temporary_settings
 
