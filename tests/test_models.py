@@ -343,6 +343,27 @@ def test_wrong_kind_of_checkpoint(tmp_path: Path) -> None:
         load_backbone(tmp_path / "mismatch.pt")
 
 
+@pytest.mark.parametrize("loader", ["backbone", "policy", "blockdrop"])
+def test_a_flipped_bit_in_the_weights_is_refused(tmp_path: Path, loader: str) -> None:
+    """torch.load reads a zip whose tensor bytes changed without complaint; the saved digest catches it."""
+    backbone, policy = cifar_resnet(20, 10, 3), policy_resnet8(9, 3)
+    path = tmp_path / f"{loader}.pt"
+    save, load = {"backbone": (lambda: save_backbone(backbone, path), load_backbone),
+                  "policy": (lambda: save_policy(policy, path), load_policy),
+                  "blockdrop": (lambda: save_blockdrop(backbone, policy, path), load_blockdrop)}[loader]
+    save()
+    load(path)  # intact: loads
+    data = bytearray(path.read_bytes())
+    weights = torch.load(path, weights_only=True)["model"]["fc.weight"]
+    at = bytes(data).find(weights.numpy().tobytes()[:64])  # the tensor's bytes are stored uncompressed
+    assert at > 0
+    data[at + 3] ^= 0x01
+    path.write_bytes(bytes(data))
+    assert not torch.equal(torch.load(path, weights_only=True)["model"]["fc.weight"], weights)  # torch loads it
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(path))} is corrupted"):
+        load(path)
+
+
 def test_checkpoint_that_is_not_a_dict_names_the_file(tmp_path: Path) -> None:
     path = tmp_path / "tensor.pt"
     torch.save(torch.zeros(3), path)

@@ -6,6 +6,7 @@ the text is at least 9 pt at the saved resolution; the four evaluated variants k
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -21,6 +22,8 @@ from matplotlib.colors import Normalize, to_rgb
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
 from matplotlib.ticker import MaxNLocator
+
+from blockdrop.files import atomic_write_bytes
 
 __all__ = [
     "STYLE",
@@ -68,8 +71,9 @@ def _styled(draw: Callable) -> Callable:
 
 def _save(fig: Figure, path: str | Path, dpi: int) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
+    buf = io.BytesIO()  # rendered in memory, then written atomically: a kill never leaves half a PNG
+    fig.savefig(buf, dpi=dpi, format=path.suffix.lstrip(".") or "png")
+    atomic_write_bytes(path, buf.getvalue())
     return path
 
 
