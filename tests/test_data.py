@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import os
 import pickle
 import re
+import struct
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -13,11 +18,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fakedata import FakeCifar, fake_fashion, write_fashion
+import yaml
+from fakedata import FASHION_FILES, FakeCifar, fake_fashion, fashion_idx_files, md5, write_fashion
+from tinyrepo import make_tiny_repo
 from torchvision import datasets
 
 from blockdrop.data import (
+    DataIntegrityError,
     DataSourceError,
+    Meta,
     Normalize,
     RawData,
     Split,
@@ -74,9 +83,10 @@ def test_fashion_mnist_from_idx_files(tmp_path: Path, no_network: list[str], no_
     data = fake_fashion()
     folder = tmp_path / "raw" / "FashionMNIST" / "raw"
     write_fashion(folder, data)
-    raw = load_source("fashion-mnist", tmp_path / "raw")
+    raw = load_source("fashion-mnist", tmp_path / "raw", verify_checksums=False)  # fake files
     check_fashion(raw, data)
     assert raw.origin == str(folder)
+    assert raw.raw_md5 == {name: md5(blob) for name, blob in fashion_idx_files(data).items()}
     assert no_network == []
 
 
@@ -86,9 +96,11 @@ def test_fashion_mnist_from_debian_package(tmp_path: Path, monkeypatch: pytest.M
     debian = tmp_path / "debian"
     write_fashion(debian, data, gz=True)  # Debian ships the four files gzipped
     monkeypatch.setattr(sources, "DEBIAN_FASHION_MNIST", debian)
-    raw = load_source("fashion-mnist", tmp_path / "raw")
+    raw = load_source("fashion-mnist", tmp_path / "raw", verify_checksums=False)
     check_fashion(raw, data)
-    assert (tmp_path / "raw" / "FashionMNIST" / "raw" / "train-images-idx3-ubyte").exists()
+    folder = tmp_path / "raw" / "FashionMNIST" / "raw"
+    assert (folder / "train-images-idx3-ubyte").read_bytes() == fashion_idx_files(data)["train-images-idx3-ubyte"]
+    assert sorted(p.name for p in folder.iterdir()) == sorted(FASHION_FILES)  # no temporary file left
     assert no_network == []
 
 
@@ -106,6 +118,55 @@ def test_fashion_mnist_missing_everywhere(tmp_path: Path, no_network: list[str],
 def test_unknown_source(tmp_path: Path) -> None:
     with pytest.raises(DataSourceError, match="mnist"):
         load_source("mnist", tmp_path)
+
+
+def test_fashion_mnist_wrong_checksum_is_refused_before_parsing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                no_network: list[str], no_debian: None) -> None:
+    data = fake_fashion()
+    folder = tmp_path / "raw" / "FashionMNIST" / "raw"
+    write_fashion(folder, data)
+    monkeypatch.setattr(datasets.FashionMNIST, "_load_data", lambda self: pytest.fail("parsed an unverified file"))
+    with pytest.raises(DataSourceError) as info:
+        load_source("fashion-mnist", tmp_path / "raw")  # verify_checksums defaults to on
+    message = str(info.value)
+    first = "train-images-idx3-ubyte"
+    assert str(folder / first) in message
+    assert sources.FASHION_MNIST_MD5[first] in message  # expected
+    assert md5(fashion_idx_files(data)[first]) in message  # found
+    assert "\n" not in message and info.value.__cause__ is None
+    assert no_network == []
+
+
+def test_fashion_mnist_damaged_debian_archive_leaves_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             no_network: list[str]) -> None:
+    debian = tmp_path / "debian"
+    write_fashion(debian, fake_fashion(), gz=True)
+    whole = (debian / "t10k-images-idx3-ubyte.gz").read_bytes()
+    (debian / "t10k-images-idx3-ubyte.gz").write_bytes(whole[: len(whole) // 2])  # as if a copy was cut short
+    monkeypatch.setattr(sources, "DEBIAN_FASHION_MNIST", debian)
+    with pytest.raises(DataSourceError, match=r"t10k-images-idx3-ubyte\.gz.*reinstall"):
+        load_source("fashion-mnist", tmp_path / "raw", verify_checksums=False)
+    folder = tmp_path / "raw" / "FashionMNIST" / "raw"
+    # the files before it were copied whole; of the damaged one, neither a truncated file nor a temporary one
+    assert sorted(p.name for p in folder.iterdir()) == ["train-images-idx3-ubyte", "train-labels-idx1-ubyte"]
+
+
+@pytest.mark.skipif(not all((sources.DEBIAN_FASHION_MNIST / f"{n}.gz").exists() for n in FASHION_FILES),
+                    reason="Debian's dataset-fashion-mnist is not installed")
+def test_real_fashion_mnist_matches_the_pinned_md5s(tmp_path: Path, no_network: list[str]) -> None:
+    """The pinned md5s are those of the real data: Debian's files decompress to them, with the idx headers and
+    sizes of Fashion-MNIST's 60000 + 10000 28x28 images."""
+    raw = load_source("fashion-mnist", tmp_path / "raw")
+    assert raw.raw_md5 == sources.FASHION_MNIST_MD5
+    folder = tmp_path / "raw" / "FashionMNIST" / "raw"
+    sizes = {n: (folder / n).stat().st_size for n in FASHION_FILES}
+    assert sizes == {"train-images-idx3-ubyte": 47040016, "train-labels-idx1-ubyte": 60008,
+                     "t10k-images-idx3-ubyte": 7840016, "t10k-labels-idx1-ubyte": 10008}
+    header = (folder / "train-images-idx3-ubyte").read_bytes()[:16]
+    assert struct.unpack(">iiii", header) == (2051, 60000, 28, 28)  # idx3 magic, N, H, W
+    assert raw.train_images.shape == (60000, 1, 28, 28) and raw.test_labels.shape == (10000,)
+    assert set(raw.train_labels.tolist()) == set(range(10))
+    assert no_network == []
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -280,10 +341,58 @@ def test_load_split_missing(tmp_path: Path) -> None:
         load_split(tmp_path, "val")
 
 
-def test_load_split_corrupted(tmp_path: Path) -> None:
-    (tmp_path / "train.pt").write_bytes(b"\x00garbage" * 10)
-    with pytest.raises(RuntimeError, match=re.escape(str(tmp_path / "train.pt"))):
-        load_split(tmp_path, "train")
+def prepared(tmp_path: Path) -> tuple[Path, Meta]:
+    raw = tiny_raw(channels=3)
+    return tmp_path, write_prepared(split_train_val(raw, 10, seed=0), raw, "fake", tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "swap"])
+def test_load_split_refuses_a_file_meta_json_does_not_describe(tmp_path: Path, damage: str) -> None:
+    out, meta = prepared(tmp_path)
+    path = out / "train.pt"
+    blob = bytearray(path.read_bytes())
+    if damage == "flip":
+        blob[len(blob) // 2] ^= 0x01  # one bit inside the pixel data: torch.load alone would not notice
+    elif damage == "truncate":
+        del blob[len(blob) - 100 :]
+    else:
+        blob = bytearray((out / "val.pt").read_bytes())  # a valid tensor file, but not this split's
+    path.write_bytes(bytes(blob))
+    with pytest.raises(DataIntegrityError) as info:
+        load_split(out, "train")
+    assert str(path) in str(info.value) and meta.sha256["train.pt"][:16] in str(info.value)
+    assert isinstance(info.value, DataSourceError)  # what stage.failures_reported turns into exit 1
+    assert load_split(out, "val", meta).labels.shape == (10,)  # the others still load, meta given or read
+
+
+def test_load_split_with_unreadable_meta_json(tmp_path: Path) -> None:
+    out, _ = prepared(tmp_path)
+    (out / "meta.json").write_text('{"source": "fake", "clas')
+    with pytest.raises(DataIntegrityError, match=re.escape(str(out / "meta.json"))):
+        load_split(out, "test")
+
+
+def test_meta_records_raw_md5_and_older_meta_still_loads(tmp_path: Path) -> None:
+    raw = dataclasses.replace(tiny_raw(), raw_md5={"train-images-idx3-ubyte": "ab" * 16})
+    meta = write_prepared(split_train_val(raw, 10, seed=0), raw, "fake", tmp_path)
+    assert load_meta(tmp_path).raw_md5 == meta.raw_md5 == {"train-images-idx3-ubyte": "ab" * 16}
+    older = json.loads((tmp_path / "meta.json").read_text())
+    del older["raw_md5"]  # a meta.json written before the field existed
+    (tmp_path / "meta.json").write_text(json.dumps(older))
+    assert load_meta(tmp_path).raw_md5 == {} and load_meta(tmp_path).sha256 == meta.sha256
+    assert load_split(tmp_path, "test").labels.shape == (20,)
+
+
+@pytest.mark.parametrize(("split", "label"), [("train", 3), ("test", -1), ("val", 99)])
+def test_prepare_refuses_labels_outside_the_classes(tmp_path: Path, split: str, label: int) -> None:
+    raw = tiny_raw()  # 3 classes
+    splits = split_train_val(raw, 10, seed=0)
+    splits[split].labels[4] = label
+    with pytest.raises(DataSourceError) as info:
+        write_prepared(splits, raw, "fake", tmp_path / "out")
+    message = str(info.value)
+    assert f"split {split}" in message and "[0, 3)" in message and f"first {label} at index 4" in message
+    assert not (tmp_path / "out").exists()  # refused before anything is written
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -399,3 +508,47 @@ def test_batches_normalisation(tmp_path: Path) -> None:
     # and by hand for one pixel
     v = raw.train_images[0, 1, 2, 3].item()
     assert x[0, 1, 2, 3].item() == pytest.approx((v / 255 - meta.mean[1]) / meta.std[1], rel=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the stages: a raw or prepared file that fails its checksum stops the stage with one line, exit 1
+
+
+def run_stage(root: Path, name: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
+    env.pop("BLOCKDROP_PARENT_RUN_ID", None)
+    return subprocess.run([sys.executable, "-m", f"pipelines.{name}"], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def one_error_line(proc: subprocess.CompletedProcess, stage: str) -> str:
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: stage {stage}: "), proc.stderr
+    return errors[0]
+
+
+def test_stages_refuse_raw_and_prepared_files_that_fail_their_checksums(tmp_path: Path) -> None:
+    root = make_tiny_repo(tmp_path / "repo", overrides={"data": {"verify_checksums": True}})
+    line = one_error_line(run_stage(root, "prepare"), "prepare")  # the fake idx files are not Zalando's
+    assert "data/raw/FashionMNIST/raw/train-images-idx3-ubyte" in line
+    assert sources.FASHION_MNIST_MD5["train-images-idx3-ubyte"] in line
+    assert not (root / "data" / "prepared").exists()
+
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["data"]["verify_checksums"] = False  # what profiles/tiny.yaml says
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    proc = run_stage(root, "prepare")
+    assert proc.returncode == 0, proc.stderr
+    meta = load_meta(root / "data" / "prepared")
+    assert meta.raw_md5["train-labels-idx1-ubyte"] == md5(
+        (root / "data/raw/FashionMNIST/raw/train-labels-idx1-ubyte").read_bytes())
+
+    train = root / "data" / "prepared" / "train.pt"
+    blob = bytearray(train.read_bytes())
+    blob[-2000] ^= 0xFF
+    train.write_bytes(bytes(blob))
+    line = one_error_line(run_stage(root, "pretrain"), "pretrain")
+    assert "data/prepared/train.pt" in line and "prepare" in line
+    assert not (root / "models" / "backbone.pt").exists()

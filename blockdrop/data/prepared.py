@@ -1,23 +1,34 @@
 """The prepared dataset on disk: one uint8 tensor file per split plus ``meta.json``.
 
 ``prepare`` writes it once; every later stage loads whole splits into memory (Fashion-MNIST's 60k
-images are 47 MB as uint8) and slices batches out of them, so no stage runs per-image Python code.
+images are 47 MB as uint8) and slices batches out of them, so no stage runs per-image Python code. Every load checks
+the file against the sha256 ``meta.json`` records (one pass of hashlib over the bytes already read), so a
+corrupted or swapped file is refused by name instead of being trained on.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from blockdrop.data.sources import RawData
+from blockdrop.data.sources import DataSourceError, RawData
+from blockdrop.files import atomic_write_bytes, fsync_dir, write_json
 
-__all__ = ["SPLITS", "Meta", "Split", "load_meta", "load_split", "split_train_val", "write_prepared"]
+__all__ = [
+    "SPLITS", "DataIntegrityError", "Meta", "Split", "check_labels", "load_meta", "load_split", "split_train_val",
+    "write_prepared",
+]
 
 SPLITS = ("train", "val", "test")
+
+
+class DataIntegrityError(DataSourceError):
+    """A prepared file is unreadable or not the one ``meta.json`` describes (a stage exits 1 with one line)."""
 
 
 @dataclass(frozen=True)
@@ -45,6 +56,7 @@ class Meta:
     std: list[float]
     sizes: dict[str, int]
     sha256: dict[str, str]  # file name -> digest
+    raw_md5: dict[str, str] = field(default_factory=dict)  # raw file -> md5 (absent from older meta.json files)
 
     @property
     def num_classes(self) -> int:
@@ -77,22 +89,28 @@ def split_train_val(raw: RawData, val_size: int, seed: int, train_limit: int = 0
     }
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def check_labels(splits: dict[str, Split], num_classes: int) -> None:
+    """Refuse a split holding a label outside ``[0, num_classes)``: it would index past the classifier."""
+    for name, split in splits.items():
+        bad = (split.labels < 0) | (split.labels >= num_classes)
+        if bool(bad.any()):
+            first = int(bad.nonzero()[0, 0])
+            raise DataSourceError(
+                f"split {name}: {int(bad.sum())} label(s) outside [0, {num_classes}), the first "
+                f"{int(split.labels[first])} at index {first}; the raw data does not match its class list"
+            )
 
 
 def write_prepared(splits: dict[str, Split], raw: RawData, source: str, out_dir: Path) -> Meta:
-    """Write ``<split>.pt`` for each split and ``meta.json``; return the meta."""
+    """Write ``<split>.pt`` for each split and ``meta.json``, each atomically and flushed; return the meta."""
+    check_labels(splits, len(raw.classes))
     out_dir.mkdir(parents=True, exist_ok=True)
     digests = {}
     for name, split in splits.items():
-        path = out_dir / f"{name}.pt"
-        torch.save({"images": split.images.contiguous(), "labels": split.labels.contiguous()}, path)
-        digests[path.name] = _sha256(path)
+        buf = io.BytesIO()  # serialised once: hashed and written from the same bytes
+        torch.save({"images": split.images.contiguous(), "labels": split.labels.contiguous()}, buf)
+        atomic_write_bytes(out_dir / f"{name}.pt", buf.getvalue())
+        digests[f"{name}.pt"] = hashlib.sha256(buf.getvalue()).hexdigest()
     pixels = splits["train"].images.double().div_(255)
     meta = Meta(
         source=source,
@@ -102,21 +120,40 @@ def write_prepared(splits: dict[str, Split], raw: RawData, source: str, out_dir:
         std=[round(v, 6) for v in pixels.std(dim=(0, 2, 3)).tolist()],
         sizes={k: len(v) for k, v in splits.items()},
         sha256=digests,
+        raw_md5=dict(raw.raw_md5),
     )
-    (out_dir / "meta.json").write_text(json.dumps(meta.__dict__, indent=2) + "\n")
+    write_json(out_dir / "meta.json", meta.__dict__)
+    fsync_dir(out_dir)  # the caller renames this folder into place next
     return meta
 
 
 def load_meta(data_dir: str | Path) -> Meta:
-    return Meta(**json.loads((Path(data_dir) / "meta.json").read_text()))
-
-
-def load_split(data_dir: str | Path, name: str) -> Split:
-    path = Path(data_dir) / f"{name}.pt"
+    """The prepared dataset's ``meta.json``; a missing or unreadable one is named in the error."""
+    path = Path(data_dir) / "meta.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run the prepare stage (dvc repro prepare)")
     try:
-        blob = torch.load(path, weights_only=True)
+        return Meta(**json.loads(path.read_text()))
+    except (ValueError, TypeError) as e:  # bad JSON or UTF-8, missing or unknown fields
+        raise DataIntegrityError(f"{path} is unreadable or corrupted ({type(e).__name__}); run prepare again") from None
+
+
+def load_split(data_dir: str | Path, name: str, meta: Meta | None = None) -> Split:
+    """Load ``<name>.pt`` after checking its sha256 against ``meta`` (read from ``data_dir`` when not given)."""
+    data_dir = Path(data_dir)
+    path = data_dir / f"{name}.pt"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run the prepare stage (dvc repro prepare)")
+    expected = (meta or load_meta(data_dir)).sha256.get(path.name)
+    data = path.read_bytes()
+    found = hashlib.sha256(data).hexdigest()  # one pass over bytes read anyway: ~0.1 s for the 47 MB train split
+    if found != expected:
+        raise DataIntegrityError(
+            f"{path} is corrupted or not the file meta.json describes (sha256 {found[:16]}, expected "
+            f"{(expected or 'none recorded')[:16]}); run prepare again (dvc repro -f prepare)"
+        )
+    try:
+        blob = torch.load(io.BytesIO(data), weights_only=True)
         return Split(blob["images"], blob["labels"])
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path} is missing: run the prepare stage (dvc repro prepare)") from None
-    except Exception as e:
-        raise RuntimeError(f"{path} is unreadable or corrupted ({type(e).__name__}: {e})") from None
+    except Exception as e:  # the recorded digest, yet unreadable: written by an incompatible torch, say
+        raise DataIntegrityError(f"{path} is unreadable ({type(e).__name__}: {e})") from None
