@@ -1,8 +1,10 @@
 """One validated model of ``params.yaml``.
 
-Every stage starts with :func:`load_params`: an unknown key, a wrong type or an out-of-range value stops
-the stage before it touches anything, with the key's dotted name (the same name DVC, MLflow and
-``dvc exp run -S`` use) in a one-line message and exit code 2.
+Every stage starts with :func:`load_params`: an unknown key, a wrong type, an out-of-range or non-finite
+value, or settings that cannot work together stop the stage before it touches anything, with the key's
+dotted name (the same name DVC, MLflow and ``dvc exp run -S`` use) in a one-line message and exit code 2.
+What can only be checked against the data (a crop larger than the image, more latency images than test
+images) is checked by :func:`check_data_fit` as soon as the stage knows the data's shape.
 """
 
 from __future__ import annotations
@@ -15,15 +17,17 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 __all__ = [
     "Params",
     "ParamsError",
+    "check_data_fit",
     "flatten",
     "load_params",
     "params_sha256",
     "parse_params",
+    "refuse",
     "select_params",
     "stage_param_keys",
 ]
@@ -46,8 +50,19 @@ NonNegFloat = Annotated[Float, Field(ge=0.0)]
 
 
 class Section(BaseModel):
-    # strict: "5" is not an int and 1 is not a bool; extra="forbid": a misspelt key is an error, not a no-op.
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    # strict: "5" is not an int and 1 is not a bool; extra="forbid": a misspelt key is an error, not a no-op;
+    # allow_inf_nan=False: `lr: .inf` or `.nan` is refused here, not found as non-finite weights later.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
+
+
+class Conflict(ValueError):
+    """Settings that are each valid but cannot work together. ``keys`` are dotted names relative to the
+    section that raised it; :func:`_describe` prefixes the section, since pydantic reports a model-level
+    error at the section itself (``loc`` ends before the key)."""
+
+    def __init__(self, keys: tuple[str, ...], why: str) -> None:
+        super().__init__(why)
+        self.keys = keys
 
 
 class Data(Section):
@@ -56,6 +71,15 @@ class Data(Section):
     val_size: NonNegInt = 5000  # images carved from train, deterministically from `seed`
     train_limit: NonNegInt = 0  # keep only this many training images (0: all); for tests and quick looks
     test_limit: NonNegInt = 0  # keep only the first this many test images (0: all)
+    # Refuse raw Fashion-MNIST idx files whose md5 is not the published data's (false only for data of your own)
+    verify_checksums: bool = True
+
+    @field_validator("val_size")
+    @classmethod
+    def _at_least_one(cls, size: int) -> int:
+        if size < 1:
+            raise ValueError("must be at least 1: curriculum and finetune score the policy on it")
+        return size
 
 
 class Model(Section):
@@ -84,6 +108,13 @@ class Pretrain(Section):
     # crops are cheaper: a 20x20 window has half the pixels of a 28x28 Fashion-MNIST image.
     crop_size: NonNegInt = 0
     flip: bool = True
+
+    @model_validator(mode="after")
+    def _warmup_within_training(self) -> Pretrain:
+        if self.warmup_epochs > self.epochs:
+            raise Conflict(("warmup_epochs", "epochs"), f"warm-up of {self.warmup_epochs:g} epochs is longer "
+                           f"than the {self.epochs} epochs of training")
+        return self
 
     @field_validator("crop_size")
     @classmethod
@@ -127,6 +158,11 @@ class Evaluate(Section):
     latency_images: PositiveInt = 300  # images timed one at a time, after the warm-up
     latency_warmup: NonNegInt = 30
     latency_threads: NonNegInt = 1  # CPU threads while timing (0 = every core); ignored on CUDA
+
+    @property
+    def latency_needs(self) -> int:
+        """Test images the latency measurement runs (warm-up, then timed)."""
+        return self.latency_warmup + self.latency_images
 
 
 class Analyze(Section):
@@ -191,6 +227,7 @@ def cron_error(expr: str) -> str | None:
 class Flow(Section):
     retries: NonNegInt = 2  # Prefect retries of a stage that fails (never for exit code 2: bad params)
     retry_delay_s: NonNegFloat = 10.0  # wait between retries
+    task_timeout_s: NonNegFloat = 14400.0  # a stage running longer is killed (its process tree) and fails; 0: no limit
     cron: str = "0 3 * * 1"  # `make schedule`: when the retrain flow runs (here Mondays 03:00, local time)
     accuracy_tolerance: Fraction = 0.002  # challenger may be this much (a fraction) less accurate than champion
     require_flops_not_higher: bool = True  # ... and, when true, must not use more FLOPs per image
@@ -220,6 +257,15 @@ class Params(Section):
     tracking: Tracking = Tracking()
     flow: Flow = Flow()
 
+    @model_validator(mode="after")
+    def _sections_agree(self) -> Params:
+        # Only what params.yaml alone decides; checks against the data's shape are in check_data_fit.
+        if self.data.test_limit and self.evaluate.latency_needs > self.data.test_limit:
+            raise Conflict(("evaluate.latency_warmup", "evaluate.latency_images", "data.test_limit"),
+                           f"{self.evaluate.latency_warmup} warm-up + {self.evaluate.latency_images} timed images "
+                           f"exceed the {self.data.test_limit} test images kept")
+        return self
+
 
 class ParamsError(ValueError):
     """params.yaml is unreadable or invalid; the message is one line that names the dotted key."""
@@ -229,10 +275,59 @@ def _describe(error: ValidationError) -> str:
     parts = []
     for e in error.errors():
         key = ".".join(str(p) for p in e["loc"]) or "<root>"
-        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        conflict = (e.get("ctx") or {}).get("error")
+        if isinstance(conflict, Conflict):  # a model-level check: name every key, dotted from the root
+            section = [str(p) for p in e["loc"]]
+            keys = ", ".join(".".join([*section, k]) for k in conflict.keys)
+            parts.append(f"{keys}: {conflict}")
+            continue
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
         got = "" if e["type"] == "extra_forbidden" else f" (got {e.get('input')!r})"
         parts.append(f"{key}: {msg}{got}")
     return "; ".join(parts)
+
+
+def check_data_fit(params: Params, stage: str, shape: list[int] | tuple[int, ...], sizes: dict[str, int]) -> None:
+    """Raise :class:`ParamsError` if ``stage``'s params cannot run on data of ``shape`` (C, H, W) with
+    ``sizes`` images per split (prepared splits, or the raw ``train``/``test`` for ``prepare``).
+
+    Called right after the stage learns the data's shape and before it loads a model or opens its MLflow
+    run, so a setting that could only fail mid-training is refused with exit code 2 and nothing written.
+    """
+    problems: list[str] = []
+    d, side = params.data, min(shape[1:]) if len(shape) >= 3 else 0
+    if stage == "prepare":
+        train, test = sizes.get("train", 0), sizes.get("test", 0)
+        if d.val_size >= train:
+            problems.append(f"data.val_size: {d.val_size} leaves no training images (the raw train split has {train})")
+        elif d.train_limit > train - d.val_size:
+            problems.append(f"data.train_limit: {d.train_limit} exceeds the {train - d.val_size} training images "
+                            f"left after data.val_size {d.val_size}")
+        if d.test_limit > test:
+            problems.append(f"data.test_limit: {d.test_limit} exceeds the {test} raw test images")
+    if stage == "pretrain":
+        p = params.pretrain
+        if p.crop_size > side + 2 * p.crop_padding:
+            problems.append(f"pretrain.crop_size, pretrain.crop_padding: a {p.crop_size}x{p.crop_size} crop does "
+                            f"not fit {side}x{side} images padded by {p.crop_padding}")
+    if stage in ("curriculum", "finetune") and sizes.get("val", 0) < 1:
+        problems.append(f"data.val_size: stage {stage} needs validation images, the prepared val split is empty")
+    if stage == "evaluate":
+        e, test = params.evaluate, sizes.get("test", 0)
+        if e.latency_needs > test:
+            problems.append(f"evaluate.latency_warmup, evaluate.latency_images: {e.latency_warmup} warm-up + "
+                            f"{e.latency_images} timed images exceed the {test} test images")
+    if problems:
+        raise ParamsError("; ".join(problems))
+
+
+def refuse(error: ParamsError, path: str | Path = "params.yaml") -> SystemExit:
+    """Print the one-line message of an invalid setting; return the exit-2 ``SystemExit`` to raise.
+
+    The one place that turns bad params into exit code 2, the code the Prefect flow does not retry.
+    """
+    print(f"error: invalid params in {path}: {error}", file=sys.stderr)
+    return SystemExit(2)
 
 
 def parse_params(raw: dict[str, Any]) -> Params:
@@ -256,8 +351,7 @@ def load_params(path: str | Path = "params.yaml", *, exit_on_error: bool = True)
     except ParamsError as e:
         if not exit_on_error:
             raise
-        print(f"error: invalid params in {path}: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise refuse(e, path) from None
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

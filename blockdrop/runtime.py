@@ -10,15 +10,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from blockdrop.config import ParamsError
+
 __all__ = ["autocast", "bf16_is_fast", "resolve_precision", "seed_everything", "select_device"]
 
 
 def select_device(choice: str = "auto", threads: int = 0) -> torch.device:
-    """``auto`` takes CUDA when present. ``threads`` caps CPU threads (0 keeps torch's default)."""
+    """``auto`` takes CUDA when present. ``threads`` caps CPU threads (0 keeps torch's default).
+
+    Raises :class:`~blockdrop.config.ParamsError` for ``cuda`` on a machine without a visible GPU.
+    """
     if threads:
         torch.set_num_threads(threads)
     if choice == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device=cuda was asked for but no CUDA device is visible")
+        # A setting this machine cannot honour: exit 2 (not retried by the flow), not a crash.
+        raise ParamsError("device: cuda was asked for but no CUDA device is visible (use auto or cpu)")
     return torch.device("cuda" if choice in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
 
 

@@ -14,6 +14,7 @@ import yaml
 from blockdrop.config import (
     Params,
     ParamsError,
+    check_data_fit,
     flatten,
     load_params,
     params_sha256,
@@ -64,6 +65,9 @@ MISTAKES = [
     ("curriculum: {penalty: -1.0}", "curriculum.penalty"),
     ("seed: -3", "seed"),
     ("data: {raw_dir: 5}", "data.raw_dir"),
+    ("finetune: {lr: .inf}", "finetune.lr"),  # non-finite floats: exit 0 with NaN weights before
+    ("flow: {retry_delay_s: .nan}", "flow.retry_delay_s"),
+    ("data: {val_size: 0}", "data.val_size"),  # the RL stages score the policy on val
 ]
 
 
@@ -259,3 +263,70 @@ def test_prepare_stage_refuses_bad_params_before_writing(tmp_path: Path) -> None
     assert "data.val_size" in lines[0]
     assert not (tmp_path / "data" / "prepared").exists()
     assert not (tmp_path / "data").exists()
+
+
+def test_conflict_names_every_key_it_involves() -> None:
+    with pytest.raises(ParamsError) as info:
+        parse_params(merged("pretrain: {warmup_epochs: 4.5, epochs: 4}"))
+    assert str(info.value) == "pretrain.warmup_epochs, pretrain.epochs: warm-up of 4.5 epochs is longer than the " \
+                              "4 epochs of training"
+    assert parse_params(merged("pretrain: {warmup_epochs: 4, epochs: 4}")).pretrain.warmup_epochs == 4
+
+
+def test_conflict_across_sections_names_keys_from_the_root() -> None:
+    # pydantic reports a model-level error at the section (loc ends before the key): _describe adds the keys.
+    with pytest.raises(ParamsError) as info:
+        parse_params(merged("data: {test_limit: 100}"))  # 30 warm-up + 300 timed latency images
+    assert str(info.value).startswith("evaluate.latency_warmup, evaluate.latency_images, data.test_limit: 30 "), info
+    # Conflicts are checked once every field is valid: a field error alone is reported first.
+    with pytest.raises(ParamsError, match=r"^seed: [^;]*$"):
+        parse_params(merged("data: {test_limit: 100}\nseed: -1"))
+
+
+# (stage, YAML over the repo params, shape C H W, split sizes, the key the message must start with or None)
+DATA_FIT = [
+    ("pretrain", "pretrain: {crop_size: 32, crop_padding: 0}", [1, 28, 28], {}, "pretrain.crop_size"),
+    ("pretrain", "pretrain: {crop_size: 32, crop_padding: 2}", [1, 28, 28], {}, None),  # fits once padded
+    ("pretrain", "pretrain: {crop_size: 28, crop_padding: 0}", [3, 32, 28], {}, None),
+    ("prepare", "data: {val_size: 100}", [1, 28, 28], {"train": 100, "test": 10}, "data.val_size"),
+    ("prepare", "data: {val_size: 99, train_limit: 2}", [1, 28, 28], {"train": 100, "test": 10}, "data.train_limit"),
+    ("prepare", "data: {val_size: 98, train_limit: 2, test_limit: 10}", [1, 28, 28],
+     {"train": 100, "test": 10}, None),
+    ("prepare", "data: {test_limit: 11}", [1, 28, 28], {"train": 60000, "test": 10}, "data.test_limit"),
+    ("curriculum", "", [1, 28, 28], {"train": 10, "val": 0}, "data.val_size"),
+    ("finetune", "", [1, 28, 28], {"train": 10, "val": 1}, None),
+    ("evaluate", "evaluate: {latency_warmup: 5, latency_images: 6}", [1, 28, 28], {"test": 10},
+     "evaluate.latency_warmup"),
+    ("evaluate", "evaluate: {latency_warmup: 5, latency_images: 5}", [1, 28, 28], {"test": 10}, None),
+]
+
+
+def fit_params(snippet: str) -> Params:
+    """The repo params with ``snippet``; unless it sets them, 1 + 5 latency images, so that a small
+    ``data.test_limit`` passes the schema's own latency check and the case tests check_data_fit alone."""
+    raw = merged(snippet or "{}")
+    if "evaluate" not in (yaml.safe_load(snippet) or {}):
+        raw["evaluate"] |= {"latency_warmup": 1, "latency_images": 5}
+    return parse_params(raw)
+
+
+@pytest.mark.parametrize(("stage", "snippet", "shape", "sizes", "key"), DATA_FIT)
+def test_check_data_fit(stage: str, snippet: str, shape: list[int], sizes: dict, key: str | None) -> None:
+    params = fit_params(snippet)
+    if key is None:
+        check_data_fit(params, stage, shape, sizes)
+        return
+    with pytest.raises(ParamsError) as info:
+        check_data_fit(params, stage, shape, sizes)
+    assert str(info.value).startswith(key) and "\n" not in str(info.value), info.value
+
+
+def test_device_cuda_without_a_gpu_is_a_params_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from blockdrop.runtime import select_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ParamsError, match=r"^device: cuda"):
+        select_device("cuda")
+    assert select_device("auto").type == "cpu"

@@ -20,6 +20,7 @@ from blockdrop.config import Curriculum
 from blockdrop.data import Normalize, Split, batches
 from blockdrop.models import CifarResNet
 from blockdrop.predict import policy_summary, run_policy
+from blockdrop.train.guard import check_step, check_weights
 from blockdrop.train.resume import resume_state, save_state
 from blockdrop.train.rollout import rollout
 
@@ -40,12 +41,15 @@ def train_curriculum(
     checkpoint: Path,
     run_key: str,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
+    on_resume: Callable[[int], None] | None = None,
 ) -> list[dict[str, float]]:
     """Train ``policy_net`` in place; return one history row per epoch."""
     backbone.eval().requires_grad_(False)  # frozen: BN uses its running statistics, no weight changes
     optimizer = torch.optim.Adam(policy_net.parameters(), lr=cfg.lr)
     parts = {"policy": policy_net, "optimizer": optimizer}
     start, history = resume_state(checkpoint, run_key, parts, generator)
+    if start and on_resume is not None:
+        on_resume(start)  # e.g. tag the stage's run: it continues a killed one
     num_blocks = backbone.num_blocks
     steps = math.ceil(min(cfg.images_per_epoch, len(train)) / cfg.batch_size)
     scored = val.head(cfg.val_images)  # a per-epoch curve only: it draws no random numbers, changes no weights
@@ -57,13 +61,14 @@ def train_curriculum(
         seen = 0
         stream = batches(train, cfg.batch_size, normalize, generator=generator, shuffle=True,
                          crop_padding=cfg.crop_padding, flip=cfg.flip, limit=cfg.images_per_epoch)
-        for x, y in tqdm(stream, total=steps, desc=f"curriculum {epoch + 1}/{cfg.epochs}", leave=False,
-                         mininterval=5):
+        for step, (x, y) in enumerate(tqdm(stream, total=steps, desc=f"curriculum {epoch + 1}/{cfg.epochs}",
+                                           leave=False, mininterval=5), 1):
             r = rollout(backbone, policy_net, x, y, alpha=cfg.alpha, penalty=cfg.penalty,
                         learnable=learnable, generator=generator, precision=precision)
             loss = rl.policy_gradient_loss(r.bounded, r.actions, r.advantage, learnable, beta=cfg.beta)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            check_step(loss, policy_net.parameters(), epoch + 1, step)
             optimizer.step()
             n = len(y)
             seen += n
@@ -71,6 +76,7 @@ def train_curriculum(
             totals["accuracy"] += (r.logits.argmax(1) == y).sum().item()
             totals["blocks"] += r.actions.sum().item()
             totals["advantage"] += r.advantage.sum().item()
+        check_weights({"policy": policy_net}, epoch + 1)
         # Validate the greedy policy under the same curriculum: the forced-on blocks stay on.
         logits, actions = run_policy(backbone, policy_net, scored, normalize, precision=precision,
                                      learnable=learnable)

@@ -28,6 +28,7 @@ from blockdrop.config import Finetune
 from blockdrop.data import Normalize, Split, batches
 from blockdrop.models import CifarResNet
 from blockdrop.predict import policy_summary, run_policy
+from blockdrop.train.guard import check_step, check_weights
 from blockdrop.train.resume import resume_state, save_state
 from blockdrop.train.rollout import rollout
 
@@ -48,6 +49,7 @@ def finetune_jointly(
     checkpoint: Path,
     run_key: str,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
+    on_resume: Callable[[int], None] | None = None,
 ) -> list[dict[str, float]]:
     """Train ``backbone`` and ``policy_net`` in place; return one history row per epoch."""
     backbone.requires_grad_(True)
@@ -55,6 +57,8 @@ def finetune_jointly(
                                   {"params": backbone.parameters(), "lr": cfg.backbone_lr or cfg.lr}], lr=cfg.lr)
     parts = {"policy": policy_net, "backbone": backbone, "optimizer": optimizer}
     start, history = resume_state(checkpoint, run_key, parts, generator)
+    if start and on_resume is not None:
+        on_resume(start)  # e.g. tag the stage's run: it continues a killed one
     all_blocks = torch.ones(backbone.num_blocks, dtype=torch.bool)
     steps = math.ceil(min(cfg.images_per_epoch, len(train)) / cfg.batch_size)
 
@@ -64,8 +68,8 @@ def finetune_jointly(
         seen = 0
         stream = batches(train, cfg.batch_size, normalize, generator=generator, shuffle=True,
                          crop_padding=cfg.crop_padding, flip=cfg.flip, limit=cfg.images_per_epoch)
-        for x, y in tqdm(stream, total=steps, desc=f"finetune {epoch + 1}/{cfg.epochs}", leave=False,
-                         mininterval=5):
+        for step, (x, y) in enumerate(tqdm(stream, total=steps, desc=f"finetune {epoch + 1}/{cfg.epochs}",
+                                           leave=False, mininterval=5), 1):
             r = rollout(backbone, policy_net, x, y, alpha=cfg.alpha, penalty=cfg.penalty,
                         learnable=all_blocks, generator=generator, precision=precision, backbone_grad=True,
                         greedy_grad=cfg.greedy_ce > 0, masked=cfg.execution == "masked")
@@ -76,6 +80,7 @@ def finetune_jointly(
             loss = pg + ce
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            check_step(loss, [*policy_net.parameters(), *backbone.parameters()], epoch + 1, step)
             optimizer.step()
             n = len(y)
             seen += n
@@ -84,6 +89,7 @@ def finetune_jointly(
             totals["reward"] += r.reward.sum().item()
             totals["accuracy"] += (r.logits.detach().argmax(1) == y).sum().item()
             totals["blocks"] += r.actions.sum().item()
+        check_weights({"policy": policy_net, "backbone": backbone}, epoch + 1)
         logits, actions = run_policy(backbone, policy_net, val, normalize, precision=precision)
         summary = policy_summary(logits, actions, val.labels, cfg.penalty)
         row = {

@@ -23,6 +23,7 @@ from blockdrop.data import Normalize, Split, batches
 from blockdrop.models import CifarResNet
 from blockdrop.predict import accuracy, predict
 from blockdrop.runtime import autocast
+from blockdrop.train.guard import check_step, check_weights
 from blockdrop.train.resume import resume_state, save_state
 
 __all__ = ["PretrainResult", "drop_path_policy", "pretrain_backbone", "stochastic_depth_forward", "warmup_cosine"]
@@ -81,6 +82,7 @@ def pretrain_backbone(
     checkpoint: Path,
     run_key: str,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
+    on_resume: Callable[[int], None] | None = None,
 ) -> PretrainResult:
     """Train ``model`` in place for ``cfg.epochs``; resume from ``checkpoint`` if it belongs to ``run_key``."""
     device = train.images.device
@@ -98,6 +100,8 @@ def pretrain_backbone(
     result = PretrainResult()
     parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
     start, result.history = resume_state(checkpoint, run_key, parts, generator)
+    if start and on_resume is not None:
+        on_resume(start)  # e.g. tag the stage's run: it continues a killed one
 
     train_seconds = sum(row["epoch_seconds"] for row in result.history)
     for epoch in range(start, cfg.epochs):
@@ -105,19 +109,21 @@ def pretrain_backbone(
         t0, seen, loss_sum, correct = time.perf_counter(), 0, torch.zeros(()), torch.zeros(())
         stream = batches(train, cfg.batch_size, normalize, generator=generator, shuffle=True,
                          crop_padding=cfg.crop_padding, crop_size=cfg.crop_size, flip=cfg.flip)
-        for x, y in tqdm(stream, total=steps_per_epoch, desc=f"pretrain {epoch + 1}/{cfg.epochs}",
-                         leave=False, mininterval=5):
+        for step, (x, y) in enumerate(tqdm(stream, total=steps_per_epoch, desc=f"pretrain {epoch + 1}/{cfg.epochs}",
+                                           leave=False, mininterval=5), 1):
             with autocast(precision, device):
                 logits = stochastic_depth_forward(model, x, cfg.drop_path, cfg.drop_path_unit, generator)
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            check_step(loss, model.parameters(), epoch + 1, step)  # before a NaN reaches the weights
             optimizer.step()
             scheduler.step()
             seen += len(y)
             loss_sum += loss.detach().cpu() * len(y)
             correct += (logits.argmax(1) == y).sum().cpu()
         epoch_seconds = time.perf_counter() - t0
+        check_weights({"backbone": model}, epoch + 1)
         train_seconds += epoch_seconds
         val_acc = accuracy(predict(model, val, normalize, precision=precision), val.labels) if len(val) else 0.0
         row = {
