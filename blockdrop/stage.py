@@ -17,15 +17,18 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from blockdrop.config import Params, load_params, params_sha256, stage_param_keys
+from blockdrop.config import Params, ParamsError, check_data_fit, load_params, refuse
 from blockdrop.data import DataSourceError, Meta, Normalize, Split, load_meta, load_split
 from blockdrop.files import CheckpointError, write_csv, write_json
+from blockdrop.lineage import resume_key
 from blockdrop.runtime import resolve_precision, seed_everything, select_device
+from blockdrop.supervision import watch_supervisor
+from blockdrop.train.guard import NonFiniteError
 
 if TYPE_CHECKING:
     from blockdrop.tracking import StageRun
 
-__all__ = ["DATA_DIR", "StageContext", "failures_reported", "load_data", "publish", "start"]
+__all__ = ["DATA_DIR", "StageContext", "check_fit", "failures_reported", "load_data", "publish", "start"]
 
 DATA_DIR = Path("data/prepared")
 log = logging.getLogger("blockdrop")
@@ -38,7 +41,7 @@ class StageContext:
     device: torch.device
     generator: torch.Generator  # CPU generator for data order, augmentation and sampling
     precision: str
-    run_key: str  # hash of the stage's params: a resume checkpoint must carry the same
+    run_key: str  # hash of the params and inputs deciding the result: a resume checkpoint must carry the same
 
     @property
     def state_path(self) -> Path:
@@ -52,19 +55,38 @@ class StageContext:
 
 def start(name: str, params_path: str = "params.yaml") -> StageContext:
     """Configure logging, validate params (exit 2 on a mistake), pick the device and seed everything."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    # The log goes to stdout, so stderr holds only what went wrong: one line for a mistake a user can fix.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stdout)
+    watch_supervisor(name)  # started by the flow: stop if the flow process dies
     params = load_params(params_path)
-    device = select_device(params.device, params.threads)
+    try:
+        device = select_device(params.device, params.threads)
+    except ParamsError as e:
+        raise refuse(e, params_path) from None
     precision = resolve_precision(params.precision, device)
     generator = seed_everything(params.seed)
-    key = params_sha256(params, stage_param_keys(name))
+    key = resume_key(name, params)  # own + upstream params, md5 of every dvc.yaml dep (~0.2 s for 60 MB)
     log.info("stage %s on %s (%s, %d threads)", name, device, precision, torch.get_num_threads())
     return StageContext(name, params, device, generator, precision, key)
 
 
+def check_fit(ctx: StageContext, shape: tuple[int, ...] | list[int], sizes: dict[str, int]) -> None:
+    """Exit 2 with one line if the stage's params cannot run on data of ``shape`` with ``sizes`` images."""
+    try:
+        check_data_fit(ctx.params, ctx.name, shape, sizes)
+    except ParamsError as e:
+        raise refuse(e) from None
+
+
 def load_data(ctx: StageContext, *splits: str) -> tuple[Meta, dict[str, Split], Normalize]:
-    """Prepared meta, the named splits moved to the stage's device, and their normalisation."""
+    """Prepared meta, the named splits moved to the stage's device, and their normalisation.
+
+    Params that cannot run on this data (a crop larger than the images, ...) exit 2 here, before the
+    splits are read, a model is loaded or an MLflow run is opened.
+    """
     meta = load_meta(DATA_DIR)
+    check_fit(ctx, meta.shape, meta.sizes)
     loaded = {s: load_split(DATA_DIR, s).to(ctx.device) for s in splits}
     return meta, loaded, Normalize(meta.mean, meta.std, ctx.device)
 
@@ -86,6 +108,6 @@ def failures_reported(name: str) -> Iterator[None]:
 
     try:
         yield
-    except (DataSourceError, CheckpointError, TrackingUnavailable, FileNotFoundError) as e:
+    except (DataSourceError, CheckpointError, TrackingUnavailable, FileNotFoundError, NonFiniteError) as e:
         print(f"error: stage {name}: {e}", file=sys.stderr)
         raise SystemExit(1) from None

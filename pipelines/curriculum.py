@@ -28,6 +28,7 @@ def main() -> None:
                 backbone, policy_net, data["train"], data["val"], normalize, p.curriculum, ctx.generator,
                 ctx.precision, checkpoint=ctx.state_path, run_key=ctx.run_key,
                 on_epoch=lambda row: run.log_epoch(row, step=int(row["epoch"])),
+                on_resume=run.mark_resumed,
             )
             last = history[-1]
             metrics = {

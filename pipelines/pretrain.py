@@ -29,6 +29,7 @@ def main() -> None:
                 model, data["train"], data["val"], normalize, p.pretrain, ctx.generator, ctx.precision,
                 checkpoint=ctx.state_path, run_key=ctx.run_key,
                 on_epoch=lambda row: run.log_epoch(row, step=int(row["epoch"])),
+                on_resume=run.mark_resumed,
             )
             test_acc = accuracy(predict(model, data["test"], normalize, precision=ctx.precision),
                                 data["test"].labels)

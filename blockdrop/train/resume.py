@@ -2,21 +2,25 @@
 
 The state holds everything that decides what happens next (weights, optimizer and scheduler state, the
 data generator's state, the history so far), so a resumed run gives the same numbers as an unbroken one.
-It belongs to one ``run_key`` (a hash of the stage's params and inputs): a checkpoint left by a run with
-other params is ignored, not resumed.
+It belongs to one ``run_key`` (:func:`blockdrop.lineage.resume_key`: the params of the stage and of every
+stage upstream, and the md5 of its deps). A state that cannot be resumed (other key, tensors that do not fit,
+a truncated file) is moved aside to ``<state>.stale`` with one log line saying why, and training starts fresh:
+a leftover file never crashes a stage nor silently mixes two runs.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
+import os
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
-from blockdrop.files import load_checkpoint, save_atomic
+from blockdrop.files import CheckpointError, load_checkpoint, save_atomic
 
-__all__ = ["Stateful", "resume_state", "save_state"]
+__all__ = ["Stateful", "resume_state", "save_state", "set_aside"]
 
 log = logging.getLogger(__name__)
 
@@ -33,17 +37,48 @@ def save_state(path: Path, run_key: str, epoch: int, parts: dict[str, Stateful],
                  **{name: part.state_dict() for name, part in parts.items()}}, path)
 
 
+def set_aside(path: Path, why: str) -> Path:
+    """Move the state at ``path`` to ``<path>.stale`` (replacing an older one), logging ``why`` once."""
+    stale = path.with_name(path.name + ".stale")
+    try:
+        os.replace(path, stale)
+    except OSError as e:  # a folder in the way, a read-only mount: the first save_state overwrites it anyway
+        log.warning("not resuming from %s: %s; could not move it aside (%s), starting fresh", path, why, e)
+        return path
+    log.warning("not resuming from %s: %s; moved it to %s and starting fresh", path, why, stale)
+    return stale
+
+
 def resume_state(path: Path, run_key: str, parts: dict[str, Stateful],
                  generator: torch.Generator) -> tuple[int, list[dict[str, float]]]:
-    """Load the state saved for ``run_key`` into ``parts`` and ``generator``; return (epochs done, history)."""
+    """Load the state saved for ``run_key`` into ``parts`` and ``generator``; return (epochs done, history).
+
+    (0, []) with ``parts`` and ``generator`` untouched when there is no state, or when it cannot be resumed
+    (then it is set aside, see :func:`set_aside`).
+    """
     if not path.exists():
         return 0, []
-    state = load_checkpoint(path)
-    if state.get("run_key") != run_key:
-        log.info("ignoring %s: it was written with other params or inputs", path)
+    try:
+        state = load_checkpoint(path, required=("run_key", "epoch", "history", "generator"))
+    except CheckpointError as e:
+        set_aside(path, str(e).removeprefix(f"checkpoint {path} "))
         return 0, []
-    for name, part in parts.items():
-        part.load_state_dict(state[name])
-    generator.set_state(state["generator"])
-    log.info("resuming from %s after epoch %d", path, state["epoch"])
-    return state["epoch"], state["history"]
+    if state["run_key"] != run_key:
+        set_aside(path, "it was written with other params or inputs")
+        return 0, []
+    fresh = {name: copy.deepcopy(part.state_dict()) for name, part in parts.items()}
+    loading = "epoch"
+    try:
+        epoch, history = int(state["epoch"]), list(state["history"])
+        for loading, part in parts.items():
+            part.load_state_dict(state[loading])
+        loading = "generator"
+        generator.set_state(state["generator"])
+    except Exception as e:  # a part missing or of another shape: load_state_dict may have copied half of it
+        for name, part in parts.items():
+            part.load_state_dict(fresh[name])
+        why = " ".join(str(e).split())[:300]  # torch's message spans lines: one log line
+        set_aside(path, f"its {loading!r} does not fit this stage ({type(e).__name__}: {why})")
+        return 0, []
+    log.info("resuming from %s after epoch %d", path, epoch)
+    return epoch, history
