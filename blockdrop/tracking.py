@@ -15,17 +15,20 @@ imports mlflow: the library stays usable without a tracking server.
 
 from __future__ import annotations
 
-import hashlib
+import functools
 import json
+import logging
 import numbers
 import os
+import re
+import socket
 import ssl
 import subprocess
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -46,13 +49,17 @@ from mlflow.exceptions import MlflowException  # noqa: E402
 _IMPORT_S = time.perf_counter() - _t_import
 
 from blockdrop.config import Params, params_sha256, select_params, stage_param_keys  # noqa: E402
+from blockdrop.files import atomic_write_text  # noqa: E402
+from blockdrop.lineage import dvc_md5  # noqa: E402  (re-exported: tracking.dvc_md5)
 
 __all__ = [
     "PARENT_ENV",
     "TIMES_ENV",
     "StageRun",
     "TrackingUnavailable",
+    "download_run_file",
     "dvc_md5",
+    "find_version",
     "get_alias_version",
     "latest_version",
     "load_registered_model",
@@ -62,13 +69,17 @@ __all__ = [
     "registry_name",
     "repo_root",
     "set_alias",
+    "set_version_tags",
     "stage_run",
     "tracking_uri",
+    "version_info",
 ]
 
 PARENT_ENV = "BLOCKDROP_PARENT_RUN_ID"  # set by the Prefect flow; every stage run nests under it
 TIMES_ENV = "BLOCKDROP_TRACKING_TIMES"  # a JSON-lines file: each stage appends the time its tracking took
 REACH_TIMEOUT_S = 3.0
+EPOCH_LOG_ATTEMPTS, EPOCH_LOG_BACKOFF_S = 4, 0.5  # 0.5 + 1 + 2 s of waiting before an epoch's point is dropped
+_log = logging.getLogger("blockdrop.tracking")
 
 
 class _Clock:
@@ -213,9 +224,39 @@ def _experiment_id(client: MlflowClient, name: str, uri: str) -> str:
         return exp.experiment_id
 
 
+_PREPARED: set[str] = set()  # SQLite stores this process has already made safe for parallel writers
+
+
+def _prepare_store(uri: str) -> None:
+    """Make a SQLite store safe for several processes (``dvc queue start -j 2``, a flow beside ``dvc exp``).
+
+    Two processes opening a new database both run MLflow's schema migration and one fails; so the schema is
+    created (or checked) under an exclusive ``flock`` on ``<db>.lock``. Then the database is switched to WAL
+    journal mode, a property stored in the file itself: readers no longer block the writer, and MLflow's own
+    per-session ``busy_timeout`` (20 s) covers the short waits left between writers. Once per process.
+    """
+    if not uri.startswith("sqlite:///") or uri in _PREPARED:
+        return
+    import fcntl
+    import sqlite3
+
+    db = Path(uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{db}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or when this process dies
+        with closing(sqlite3.connect(db, timeout=60)) as conn:
+            if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                conn.execute("PRAGMA journal_mode=WAL")
+        client = MlflowClient(uri)
+        client.search_experiments(max_results=1)  # builds the tracking store: creates or migrates the schema
+        client.search_registered_models(max_results=1)  # and the registry's, on the same file
+    _PREPARED.add(uri)
+
+
 def _connect(params: Params) -> tuple[MlflowClient, str]:
     uri = tracking_uri()
     _check_reachable(uri)
+    _prepare_store(uri)
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
     return client, _experiment_id(client, params.tracking.experiment, uri)
@@ -234,26 +275,6 @@ def _stage_params(stage: str, params: Params) -> tuple[dict[str, Any], list[str]
 # ------------------------------------------------------------------------------------------------ run
 
 
-def dvc_md5(path: str | Path) -> str:
-    """The md5 DVC 3 records for ``path``: plain md5 of a file; for a folder, md5 of its listing + ".dir"."""
-    path = Path(path)
-    if path.is_file():
-        h = hashlib.md5()
-        with path.open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        return h.hexdigest()
-    listing = sorted(
-        (
-            {"md5": dvc_md5(p), "relpath": p.relative_to(path).as_posix()}
-            for p in path.rglob("*")
-            if p.is_file()
-        ),
-        key=lambda d: d["relpath"],
-    )
-    return hashlib.md5(json.dumps(listing, sort_keys=True).encode()).hexdigest() + ".dir"
-
-
 def _metric_items(tree: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, float]]:
     """``{"test": {"accuracy": .9}}`` -> ``("test/accuracy", .9)``; non-numbers (lists, strings) skipped."""
     for key, value in tree.items():
@@ -266,8 +287,18 @@ def _metric_items(tree: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[s
 class StageRun:
     """The handle a stage logs through; every call names the run explicitly (no global state)."""
 
-    def __init__(self, client: MlflowClient, run_id: str):
+    def __init__(self, client: MlflowClient, run_id: str, previous_run_id: str | None = None):
         self.client, self.run_id = client, run_id
+        self.previous_run_id = previous_run_id  # the stage's last run in this folder, if it did not finish
+
+    @_timed
+    def mark_resumed(self, epoch: int) -> None:
+        """Record that this run continues from the resume state saved after ``epoch`` epochs (and by which run:
+        the stage's previous run in this folder, killed or failed, whose lease was left behind)."""
+        tags = {"resumed": "true", "resumed_from_epoch": str(epoch)}
+        if self.previous_run_id:
+            tags["resumed_from_run"] = self.previous_run_id
+        self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
 
     @_timed
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
@@ -278,8 +309,22 @@ class StageRun:
 
     @_timed
     def log_epoch(self, metrics: Mapping[str, Any], step: int) -> None:
-        """One epoch's metrics, with the epoch as the step (so MLflow plots them as curves)."""
-        self.log_metrics(metrics, step=step)
+        """One epoch's metrics, with the epoch as the step (so MLflow plots them as curves).
+
+        A curve point is not worth a stage: a write that fails (a locked SQLite store, a server that
+        blinks) is retried with back-off, then given up with a warning. The final metrics are not retried
+        this way: losing those must fail the stage.
+        """
+        for attempt in range(EPOCH_LOG_ATTEMPTS):
+            try:
+                self.log_metrics(metrics, step=step)
+                return
+            except MlflowException as error:
+                if attempt == EPOCH_LOG_ATTEMPTS - 1:
+                    _log.warning("epoch %d metrics not logged to run %s after %d attempts: %s", step,
+                                 self.run_id, EPOCH_LOG_ATTEMPTS, str(error).splitlines()[0][:200])
+                    return
+                time.sleep(EPOCH_LOG_BACKOFF_S * 2**attempt)
 
     @_timed
     def log_artifacts(self, paths: Iterable[str | Path]) -> None:
@@ -313,10 +358,17 @@ class StageRun:
         """``obj`` as a JSON artifact at ``artifact_file`` (e.g. ``"flow/stages.json"``)."""
         self.client.log_dict(self.run_id, obj, artifact_file)
 
+    def lineage_tags(self, checkpoint: str | Path) -> dict[str, str]:
+        """Tags that tie a registered version to DVC: the md5 DVC records for ``checkpoint``, and this run's
+        git commit and params hash."""
+        tags = self.client.get_run(self.run_id).data.tags
+        return {"dvc_md5": dvc_md5(checkpoint), "git_commit": tags.get("git_commit", "unknown"),
+                "params_sha256": tags.get("params_sha256", "unknown"), "run_id": self.run_id}
+
 
 def open_run(run_id: str) -> StageRun:
     """A handle on an existing run (the flow's parent run, to record what its stages did)."""
-    return StageRun(MlflowClient(tracking_uri()), run_id)
+    return StageRun(_client(), run_id)
 
 
 def _base_tags(stage: str) -> dict[str, str]:
@@ -326,18 +378,102 @@ def _base_tags(stage: str) -> dict[str, str]:
     return tags
 
 
+@functools.cache
+def _host_tags() -> dict[str, str]:
+    """What the numbers were measured on: the CPU model and the torch build (BLAS, oneDNN, OpenMP, CUDA)."""
+    import platform
+
+    import torch
+
+    try:
+        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name")), "")
+    except OSError:
+        cpu = ""
+    onednn = re.search(r"MKL-DNN v([\d.]+)", torch.__config__.show())
+    build = {
+        "cpu": torch.backends.cpu.get_cpu_capability(),
+        "mkl": torch.backends.mkl.is_available(),
+        "onednn": (onednn.group(1) if onednn else True) if torch.backends.mkldnn.is_available() else False,
+        "openmp": torch.backends.openmp.is_available(),
+        "cuda": torch.version.cuda or False,
+    }
+    return {
+        "host.cpu": cpu or platform.processor() or platform.machine() or "unknown",
+        "host.cores": str(os.cpu_count()),
+        "host.gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+        "torch.version": torch.__version__,
+        "torch.cpu_capability": build["cpu"],
+        "torch.build": " ".join(f"{k}={'yes' if v is True else 'no' if v is False else v}" for k, v in build.items()),
+    }
+
+
+def _lease_path(stage: str) -> Path:
+    """``checkpoints/<stage>.run.json`` in the stage's own folder (beside its resume state): two DVC
+    experiments running the same stage in two temp folders never see each other's lease."""
+    return Path("checkpoints") / f"{stage}.run.json"
+
+
+def _lease_holder_alive(lease: Mapping[str, Any]) -> bool:
+    """Whether the process that wrote ``lease`` still runs (same pid and start time: pids are reused).
+    A lease from another host cannot be checked and counts as alive: its run is left alone."""
+    import psutil  # an mlflow dependency
+
+    if lease.get("host") != socket.gethostname():
+        return True
+    try:
+        proc = psutil.Process(int(lease["pid"]))
+        return abs(proc.create_time() - float(lease["started"])) < 1 and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.AccessDenied:
+        return True  # it exists (another user's): not ours to judge
+    except (psutil.Error, KeyError, TypeError, ValueError):
+        return False  # no such process (a zombie included), or a lease we cannot read
+
+
+def _take_over_lease(stage: str, client: MlflowClient) -> str | None:
+    """Mark the stage's previous run KILLED if its process died while the run was RUNNING (SIGKILL, power
+    loss: nothing in that process could end the run); return that run's id when it did not finish."""
+    path = _lease_path(stage)
+    try:
+        lease = json.loads(path.read_text())
+        run_id = str(lease["run_id"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if _lease_holder_alive(lease):
+        return None
+    try:
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, "KILLED")
+            _log.warning("stage %s: its previous run %s died while running (pid %s); marked it KILLED",
+                         stage, run_id, lease.get("pid"))
+    except MlflowException:
+        pass  # deleted, or in another store: nothing to mark
+    return run_id
+
+
+def _write_lease(stage: str, run_id: str) -> None:
+    import psutil
+
+    lease = {"run_id": run_id, "pid": os.getpid(), "host": socket.gethostname(),
+             "started": psutil.Process().create_time()}
+    atomic_write_text(_lease_path(stage), json.dumps(lease) + "\n")
+
+
 @contextmanager
 def stage_run(stage: str, params: Params, data_sha256: str | None = None) -> Iterator[StageRun]:
     """One MLflow run named ``stage``, nested under ``$BLOCKDROP_PARENT_RUN_ID`` when the flow set it.
 
     Raises :class:`TrackingUnavailable` before any work if the server is down. An exception inside the
-    block marks the run FAILED and propagates.
+    block marks the run FAILED and propagates. While the run is open, a lease ``checkpoints/<stage>.run.json``
+    names it; one left behind by a killed process gets its run marked KILLED by the next start, whose run
+    then knows it as ``previous_run_id`` (see :meth:`StageRun.mark_resumed`).
     """
     t0 = time.perf_counter()
     with _clock():
         client, experiment_id = _connect(params)
+        previous = _take_over_lease(stage, client)
         flat, keys = _stage_params(stage, params)
-        tags = _base_tags(stage) | {"params_sha256": params_sha256(params, keys)}
+        tags = _base_tags(stage) | _host_tags() | {"params_sha256": params_sha256(params, keys)}
         if data_sha256:
             tags["data_sha256"] = data_sha256
         # mlflow 3 accepts a parent that is not active in this process: it checks the run exists and sets
@@ -350,7 +486,8 @@ def stage_run(stage: str, params: Params, data_sha256: str | None = None) -> Ite
             tags=tags,
             log_system_metrics=True,  # CPU/GPU/memory every 10 s; mlflow logs and swallows monitor errors
         )
-        run = StageRun(client, active.info.run_id)
+        run = StageRun(client, active.info.run_id, previous)
+        _write_lease(stage, run.run_id)
         if flat:
             client.log_batch(run.run_id, params=[Param(k, str(v)) for k, v in flat.items()])
     status = "FAILED"
@@ -363,6 +500,8 @@ def stage_run(stage: str, params: Params, data_sha256: str | None = None) -> Ite
             with _clock():
                 _log_own_cost(run)
                 mlflow.end_run(status)
+        if status == "FINISHED":  # a failed run's lease stays: the rerun that resumes its state names it
+            _lease_path(stage).unlink(missing_ok=True)
         _record_times(stage, time.perf_counter() - t0)
 
 
@@ -412,8 +551,11 @@ def registry_name(dataset: str, depth: int) -> str:
     return f"blockdrop-{dataset}-resnet{depth}"
 
 
-def log_blockdrop_model(model: Any, input_example: Any, registered_name: str, **kwargs: Any) -> int:
-    """Log ``model`` to the active run, register it, and point the alias ``challenger`` at the new version.
+def log_blockdrop_model(model: Any, input_example: Any, registered_name: str,
+                        version_tags: Mapping[str, Any] | None = None, **kwargs: Any) -> int:
+    """Log ``model`` to the active run, register it, tag the new version with ``version_tags`` (e.g.
+    ``dvc_md5``, the md5 DVC records for the checkpoint it was built from), and only then point the alias
+    ``challenger`` at it, so a version an alias names always carries its tags.
 
     Pickle, not mlflow 3's default "pt2" (torch.export): BlockDrop skips blocks per image, data-dependent
     control flow that export cannot trace, and export fixes the batch size to the example's when it is 1.
@@ -429,13 +571,17 @@ def log_blockdrop_model(model: Any, input_example: Any, registered_name: str, **
         info = mlflow.pytorch.log_model(
             model, name="model", input_example=input_example, registered_model_name=registered_name, **kwargs
         )
-        MlflowClient().set_registered_model_alias(registered_name, "challenger", info.registered_model_version)
+        client = MlflowClient()
+        for key, value in (version_tags or {}).items():
+            client.set_model_version_tag(registered_name, info.registered_model_version, key, str(value))
+        client.set_registered_model_alias(registered_name, "challenger", info.registered_model_version)
         return int(info.registered_model_version)
 
 
 def _client() -> MlflowClient:
     uri = tracking_uri()
     _check_reachable(uri)
+    _prepare_store(uri)
     return MlflowClient(uri)
 
 
@@ -454,6 +600,43 @@ def get_alias_version(name: str, alias: str) -> int | None:
         return int(_client().get_model_version_by_alias(name, alias).version)
     except MlflowException:  # RESOURCE_DOES_NOT_EXIST for the model or the alias
         return None
+
+
+def find_version(name: str, tag: str, value: str) -> int | None:
+    """The highest version of ``name`` whose tag ``tag`` equals ``value`` (None: none does). Filtered here,
+    not in the store's query language, so any store (SQLite, a server) answers the same."""
+    try:
+        versions = _client().search_model_versions(f"name = '{name}'")
+    except MlflowException:
+        return None
+    return max((int(v.version) for v in versions if v.tags.get(tag) == value), default=None)
+
+
+def version_info(name: str, version: int | str) -> tuple[str | None, dict[str, str]]:
+    """The run that logged ``version`` of ``name``, and the version's tags."""
+    v = _client().get_model_version(name, str(version))
+    return v.run_id, dict(v.tags)
+
+
+def set_version_tags(name: str, version: int | str, tags: Mapping[str, Any]) -> None:
+    """Add (or overwrite) tags on one registered version (``test_accuracy``, ``flops_mean``...)."""
+    client = _client()
+    for key, value in tags.items():
+        client.set_model_version_tag(name, str(version), key, str(value))
+
+
+def download_run_file(run_id: str, artifact_path: str, dst: str | Path) -> Path:
+    """One artifact file of a run, copied under ``dst``; FileNotFoundError if the run has none there."""
+    import mlflow.artifacts
+
+    uri = tracking_uri()
+    _check_reachable(uri)
+    mlflow.set_tracking_uri(uri)
+    try:
+        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path,
+                                                        dst_path=str(dst), tracking_uri=uri))
+    except (MlflowException, OSError) as error:
+        raise FileNotFoundError(f"run {run_id} has no artifact {artifact_path}: {error}") from None
 
 
 def set_alias(name: str, alias: str, version: int) -> None:

@@ -56,6 +56,16 @@ def main() -> None:
             run.log_metrics(metrics)
             run.log_metrics({"latency": latency})
             run.log_artifacts([REPORTS / "metrics.json", REPORTS / "per_class.csv", REPORTS / "latency.json"])
+            if ctx.params.tracking.log_model:
+                # The registered version built from exactly this checkpoint (its dvc_md5 tag) gets the
+                # numbers measured here; none (a model finetuned with log_model off): nothing to tag.
+                name = tracking.registry_name(meta.source, 6 * backbone.blocks_per_stage[0] + 2)
+                version = tracking.find_version(name, "dvc_md5", tracking.dvc_md5(MODEL))
+                if version is not None:
+                    tracking.set_version_tags(name, version, {
+                        "test_accuracy": metrics["blockdrop"]["accuracy"],
+                        "flops_mean": metrics["blockdrop"]["flops_mean"], "evaluate_run_id": run.run_id})
+                    log.info("tagged %s version %d with its test accuracy and mean FLOPs", name, version)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ def main() -> None:
                 backbone, policy_net, data["train"], data["val"], normalize, p.finetune, ctx.generator,
                 ctx.precision, checkpoint=ctx.state_path, run_key=ctx.run_key,
                 on_epoch=lambda row: run.log_epoch(row, step=int(row["epoch"])),
+                on_resume=run.mark_resumed,
             )
             last = history[-1]
             metrics = {
@@ -48,7 +49,10 @@ def main() -> None:
                 example = cpu(load_split(stage.DATA_DIR, "test").images[:1]).contiguous().numpy()
                 name = tracking.registry_name(meta.source, 6 * backbone.blocks_per_stage[0] + 2)
                 t0 = time.perf_counter()
-                version = tracking.log_blockdrop_model(net, example, name)
+                # The weights-only checkpoint beside the pickled model: promotion loads this one, after
+                # checking its md5 against the version's dvc_md5 tag (it never unpickles the MLflow model).
+                run.log_artifacts([MODEL])
+                version = tracking.log_blockdrop_model(net, example, name, version_tags=run.lineage_tags(MODEL))
                 log.info("registered %s version %d (alias challenger) in %.1f s", name, version,
                          time.perf_counter() - t0)
             ctx.clear_state()

@@ -8,8 +8,17 @@
   (``flow.retries``), except a stage that exits 2: its params are invalid, and retrying cannot help. A
   stage DVC finds up to date is not run and is recorded as ``skipped`` on the parent run (tags
   ``stage.<name>``, metrics, and the artifact ``flow/stages.json``).
-* ``blockdrop-retrain``: the pipeline as a subflow, then the registry's ``challenger`` against its
-  ``champion`` on the same test split; ``champion`` moves only when ``blockdrop.promotion.decide`` says so.
+* ``blockdrop-retrain``: the pipeline as a subflow, then the registered version built from the
+  ``models/blockdrop.pt`` in ``dvc.lock`` (its ``dvc_md5`` tag) against the ``champion`` on the same test
+  split; ``champion`` moves only when ``blockdrop.promotion.decide`` says so, and only if nobody moved it
+  meanwhile (compare-and-swap). The served deployment runs one flow run at a time (``global_limit=1``).
+
+One flow at a time per project: a flow holds ``.dvc/tmp/blockdrop-flow.lock`` while it runs, and a second one
+(or a stage meeting DVC's own lock, held by a ``dvc repro`` beside it) fails at once, not retried, saying the
+pipeline is busy. A stage running past ``flow.task_timeout_s`` is killed with its processes (Prefect's own
+timeout cannot interrupt a synchronous task) and fails, not retried: a rerun would most likely hang again and
+hold the pipeline for another whole timeout. Each stage gets ``$BLOCKDROP_SUPERVISOR_PID``, this process: if
+the flow is killed, the stage stops itself (``blockdrop.supervision``) instead of running on unsupervised.
 
 ``python -m pipelines.flow run|retrain|serve`` (``make flow``, ``make schedule``). This is the only module
 that imports prefect; the stages and the library know nothing of it.
@@ -19,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextvars
+import fcntl
 import json
 import logging
 import logging.handlers
@@ -29,24 +39,31 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
+import psutil
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.logging.handlers import APILogHandler
 
 from blockdrop import tracking
 from blockdrop.config import Params, load_params
+from blockdrop.supervision import SUPERVISOR_ENV
 from pipelines.prefect_server import api_url, healthy, local_server
 
-__all__ = ["BadParamsError", "StageFailedError", "dag_order", "pipeline_flow", "retrain_flow"]
+__all__ = ["BadParamsError", "PipelineBusyError", "StageFailedError", "StageTimeoutError", "dag_order", "flow_lock",
+           "pipeline_flow", "retrain_flow"]
 
 PIPELINE = "blockdrop-pipeline"
 RETRAIN = "blockdrop-retrain"
 DEPLOYMENT = "blockdrop-retrain-scheduled"
 PREFECT_PORT = 4200
 BAD_PARAMS_EXIT = 2  # blockdrop.config.load_params exits 2 on invalid params
+FLOW_LOCK = Path(".dvc/tmp/blockdrop-flow.lock")  # relative to the project root
+KILL_GRACE_S = 5.0  # after SIGTERM, how long a timed-out stage's processes get before SIGKILL
 
 
 class StageFailedError(RuntimeError):
@@ -55,6 +72,17 @@ class StageFailedError(RuntimeError):
 
 class BadParamsError(StageFailedError):
     """A stage refused its params (exit 2): not retried."""
+
+
+class PipelineBusyError(StageFailedError):
+    """Another flow or ``dvc repro`` holds the project: not retried (it would wait for nothing useful)."""
+
+
+class StageTimeoutError(StageFailedError):
+    """A stage ran past ``flow.task_timeout_s`` and was killed: not retried."""
+
+
+NOT_RETRIED = (BadParamsError, PipelineBusyError, StageTimeoutError)
 
 
 # ------------------------------------------------------------------------------------------------ DVC
@@ -84,17 +112,106 @@ def _stage_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.setdefault("PYTHONUNBUFFERED", "1")
+    env[SUPERVISOR_ENV] = str(os.getpid())  # the stage stops itself if this process dies
     return env
+
+
+_HELD: dict[str, int] = {}  # flow locks this process holds, with their depth (retrain holds it around pipeline)
+
+
+@contextmanager
+def flow_lock(root: Path) -> Iterator[None]:
+    """Hold the project for one flow: an exclusive ``flock`` on ``.dvc/tmp/blockdrop-flow.lock``, taken without
+    waiting (:class:`PipelineBusyError` naming the holder's pid if another process has it) and released when
+    the block ends or the process dies. Re-entrant within a process (the retrain flow runs the pipeline)."""
+    path = root / FLOW_LOCK
+    key = str(path)
+    if _HELD.get(key):
+        _HELD[key] += 1
+        try:
+            yield
+        finally:
+            _HELD[key] -= 1
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            raise PipelineBusyError(f"pipeline busy: another flow (pid {holder}) is running in {root} "
+                                    f"(it holds {FLOW_LOCK}); try again when it has finished") from None
+        f.truncate(0)
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        _HELD[key] = 1
+        try:
+            yield
+        finally:
+            del _HELD[key]
+
+
+def _dvc_busy(error: BaseException | None) -> bool:
+    """True if DVC failed on its repository lock (a ``dvc repro`` or another flow beside this one)."""
+    from dvc.lock import LockError
+
+    while error is not None:
+        if isinstance(error, LockError):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _busy(stage: str) -> PipelineBusyError:
+    return PipelineBusyError(f"pipeline busy: stage {stage}: DVC's lock is held by another process (a dvc repro "
+                             "or dvc exp run in this project?)")
+
+
+class _Watchdog:
+    """Kills the processes a stage started (DVC runs its command as a child of this process) once
+    ``timeout_s`` has passed. Only children that appeared after the task began are touched: the temporary
+    Prefect server, also a child of this process, lives on."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s, self.fired = timeout_s, False
+        self._before = {p.pid for p in psutil.Process().children()}
+        self._timer = threading.Timer(timeout_s, self._kill) if timeout_s > 0 else None
+
+    def __enter__(self) -> _Watchdog:
+        if self._timer:
+            self._timer.daemon = True
+            self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._timer:
+            self._timer.cancel()
+
+    def _kill(self) -> None:
+        self.fired = True
+        started = [p for p in psutil.Process().children() if p.pid not in self._before]
+        tree = list(started)
+        for p in started:
+            with suppress(psutil.Error):
+                tree += p.children(recursive=True)
+        for p in tree:
+            with suppress(psutil.Error):
+                p.terminate()
+        _, alive = psutil.wait_procs(tree, timeout=KILL_GRACE_S)
+        for p in alive:
+            with suppress(psutil.Error):
+                p.kill()
 
 
 # ---------------------------------------------------------------------------------------------- tasks
 
 
 def _retry_unless_bad_params(task: Any, task_run: Any, state: Any) -> bool:
-    """Prefect's retry_condition_fn: retry any failure but invalid params."""
+    """Prefect's retry_condition_fn: retry any failure but invalid params, a busy pipeline, a timeout."""
     try:
         state.result()
-    except BadParamsError:
+    except NOT_RETRIED:
         return False
     except Exception:
         return True
@@ -159,12 +276,24 @@ class _StageOutput:
 
 
 @task(name="dvc-stage", task_run_name="{stage}", cache_policy=NO_CACHE, retry_condition_fn=_retry_unless_bad_params)
-def run_stage(stage: str, root: str, force: bool = False) -> dict[str, Any]:
+def run_stage(stage: str, root: str, force: bool = False, timeout_s: float = 0.0) -> dict[str, Any]:
     """``dvc repro --single-item <stage>`` through DVC's API, in this process (a ``dvc`` process per stage
     cost ~0.7 s more each, DVC's start-up); returns ``{"stage", "status": ran|skipped|restored, "seconds"}``.
 
     ``restored``: DVC's run cache held outputs for exactly these deps and params, and checked them out.
+    ``timeout_s`` (> 0): the stage's processes are killed when it passes (:class:`StageTimeoutError`).
     """
+    try:
+        return _run_stage(stage, root, force, timeout_s)
+    except StageFailedError:
+        raise
+    except Exception as error:
+        if _dvc_busy(error):
+            raise _busy(stage) from None
+        raise
+
+
+def _run_stage(stage: str, root: str, force: bool, timeout_s: float) -> dict[str, Any]:
     from dvc.repo import Repo
 
     logger = get_run_logger()
@@ -176,10 +305,15 @@ def run_stage(stage: str, root: str, force: bool = False) -> dict[str, Any]:
                 logger.info("stage %s is up to date: skipped", stage)
                 return {"stage": stage, "status": "skipped", "seconds": 0.0}
             logger.info("stage %s changed: %s", stage, json.dumps(changes.get(stage, changes), default=str)[:500])
-        with _StageOutput(stage) as output:
+        with _StageOutput(stage) as output, _Watchdog(timeout_s) as watchdog:
             try:
                 repo.reproduce(stage, single_item=True, force=force, run_env=_stage_env())
             except Exception as error:  # DVC's ReproductionError, caused by the command's exit
+                if watchdog.fired:
+                    raise StageTimeoutError(f"stage {stage} timed out after {timeout_s:g} s (flow.task_timeout_s): "
+                                            "its processes were killed") from None
+                if _dvc_busy(error):
+                    raise _busy(stage) from None
                 cause = f"{error}: {error.__cause__}" if error.__cause__ else str(error)
                 exited = re.findall(r"exited with (-?\d+)", cause)
                 code = int(exited[-1]) if exited else 1
@@ -219,15 +353,16 @@ def pipeline_flow(force: bool = False) -> dict[str, Any]:
     stages = dag_order(root)
     logger.info("stages in DAG order: %s", " -> ".join(stages))
     runner = run_stage.with_options(retries=params.flow.retries, retry_delay_seconds=params.flow.retry_delay_s)
+    timeout = params.flow.task_timeout_s
     results: list[dict[str, Any]] = []
-    with tracking.parent_run(PIPELINE, params) as run_id:
+    with flow_lock(root), tracking.parent_run(PIPELINE, params) as run_id:
         parent = tracking.open_run(run_id)
-        parent.log_params({"flow.force": force, "flow.retries": params.flow.retries})
+        parent.log_params({"flow.force": force, "flow.retries": params.flow.retries, "flow.task_timeout_s": timeout})
         try:
             for stage in stages:  # one at a time: DVC locks the repository
                 t0 = time.perf_counter()
                 try:
-                    result = runner(stage, str(root), force)
+                    result = runner(stage, str(root), force, timeout)
                 except Exception:
                     results.append({"stage": stage, "status": "failed", "seconds": round(time.perf_counter() - t0, 3)})
                     raise
@@ -240,28 +375,27 @@ def pipeline_flow(force: bool = False) -> dict[str, Any]:
 
 @task(name="compare-and-promote", cache_policy=NO_CACHE)
 def compare_and_promote(root: str, params: Params) -> dict[str, Any]:
-    """Score the registry's challenger and champion on the test split; move ``champion`` if it should."""
-    from blockdrop.promotion import Decision, decide, score_on_test
+    """Score the version built from dvc.lock's ``models/blockdrop.pt`` and the champion on the test split;
+    move ``champion`` (compare-and-swap) if it should."""
+    from blockdrop.promotion import Decision, decide, load_version, locked_md5, promote, score_on_test, select_version
 
     logger = get_run_logger()
     name = tracking.registry_name(params.data.source, params.model.depth)
-    challenger = tracking.get_alias_version(name, "challenger") or tracking.latest_version(name)
-    if challenger is None:
-        raise RuntimeError(f"no version of registered model {name}: set tracking.log_model: true and rerun "
-                           "finetune (dvc repro --force --single-item finetune)")
+    # Not the alias `challenger`: a `dvc exp run` elsewhere may have registered (and aliased) another model.
+    challenger = select_version(name, locked_md5(root))
     champion = tracking.get_alias_version(name, "champion")
     data_dir = Path(root) / "data" / "prepared"
-    scores = {"challenger": score_on_test(tracking.load_registered_model(name, challenger), data_dir)}
+    scores = {"challenger": score_on_test(load_version(name, challenger, root), data_dir)}
     if champion == challenger:
         scores["champion"] = scores["challenger"]
         decision = Decision(False, f"version {challenger} is already the champion", 0.0, 1.0)
     else:
         if champion is not None:
-            scores["champion"] = score_on_test(tracking.load_registered_model(name, champion), data_dir)
+            scores["champion"] = score_on_test(load_version(name, champion, root), data_dir)
         decision = decide(scores["challenger"], scores.get("champion"), params.flow.accuracy_tolerance,
                           params.flow.require_flops_not_higher)
     if decision.promote:
-        tracking.set_alias(name, "champion", challenger)
+        promote(name, challenger, expected=champion, root=root)  # ChampionChangedError if it moved meanwhile
     logger.info("%s: challenger v%s vs champion %s -> %s (%s)", name, challenger,
                 f"v{champion}" if champion is not None else "none",
                 "promoted" if decision.promote else "kept", decision.reason)
@@ -276,7 +410,7 @@ def retrain_flow(force: bool = False) -> dict[str, Any]:
     """Reproduce the pipeline (a subflow), then promote its model to ``champion`` if it is not worse."""
     root = project_root()
     params = _load(root)
-    with tracking.parent_run(RETRAIN, params) as run_id:
+    with flow_lock(root), tracking.parent_run(RETRAIN, params) as run_id:
         parent = tracking.open_run(run_id)
         pipeline = pipeline_flow(force=force)
         result = compare_and_promote(str(root), params)
@@ -320,9 +454,23 @@ def serve(port: int = PREFECT_PORT, startup_timeout_s: float = 120.0) -> None:
                   f"  MLflow runs: make ui.  Ctrl-C stops serving" + (" and the server." if started else "."),
                   flush=True)
             with temporary_settings(updates={PREFECT_API_URL: api}):
-                retrain_flow.serve(name=DEPLOYMENT, cron=params.flow.cron)
+                # global_limit: the deployment's concurrency limit, 1 across every runner serving it, which is
+                # what keeps two promotions on different machines from interleaving (a file lock cannot).
+                retrain_flow.serve(name=DEPLOYMENT, cron=params.flow.cron, global_limit=1)
     except KeyboardInterrupt:
         print("\ninterrupted", flush=True)
+
+
+def _run_flow(chosen: Any, force: bool) -> dict[str, Any]:
+    local = api_url(PREFECT_PORT)
+    if not os.environ.get("PREFECT_API_URL") and healthy(local, timeout=0.5):
+        # The server `make schedule` runs: its UI shows this run, and no temporary server (~15 s) is started.
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        print(f"using the Prefect server at {local}", flush=True)
+        with temporary_settings(updates={PREFECT_API_URL: local}):
+            return chosen(force=force)
+    return chosen(force=force)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -338,16 +486,12 @@ def main(argv: list[str] | None = None) -> None:
         serve(args.port)
         return
     chosen = pipeline_flow if args.command == "run" else retrain_flow
-    local = api_url(PREFECT_PORT)
-    if not os.environ.get("PREFECT_API_URL") and healthy(local, timeout=0.5):
-        # The server `make schedule` runs: its UI shows this run, and no temporary server (~15 s) is started.
-        from prefect.settings import PREFECT_API_URL, temporary_settings
-
-        print(f"using the Prefect server at {local}", flush=True)
-        with temporary_settings(updates={PREFECT_API_URL: local}):
-            result = chosen(force=args.force)
-    else:
-        result = chosen(force=args.force)
+    try:
+        with flow_lock(project_root()):  # a second flow fails here at once, before any server or run starts
+            result = _run_flow(chosen, args.force)
+    except PipelineBusyError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
     stages = result["stages"] if args.command == "run" else result["pipeline"]["stages"]
     print("stages: " + ", ".join(f"{s['stage']} {s['status']}" for s in stages))
     if args.command == "retrain":

@@ -11,6 +11,7 @@ One Prefect test harness (a temporary API server, 10-20 s to start) serves the w
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -19,8 +20,10 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 from mlflow import MlflowClient
@@ -96,18 +99,26 @@ def isolated_env():
 
 STEP = textwrap.dedent('''
     """A toy stage: count the attempt, maybe misbehave, log one MLflow run, write its out."""
+    import os
     import sys
+    import time
     from pathlib import Path
 
-    from blockdrop import tracking
-    from blockdrop.config import load_params
+    from blockdrop.supervision import watch_supervisor
 
     stage = sys.argv[1]
+    watch_supervisor(stage)  # as blockdrop.stage.start does
     Path("attempts").mkdir(exist_ok=True)
     with open(f"attempts/{stage}", "a") as f:
         f.write("attempt\\n")
+    Path(f"attempts/{stage}.pid").write_text(str(os.getpid()))
     behaviour = Path("behaviour") / stage
     mode = behaviour.read_text().strip() if behaviour.exists() else ""
+    if mode.startswith("sleep"):
+        time.sleep(float(mode.split()[1]))
+
+    from blockdrop import tracking  # after the attempt is counted: importing mlflow takes seconds
+    from blockdrop.config import load_params
     if mode == "fail-once":
         behaviour.unlink()
         print(f"error: stage {stage}: a transient failure", file=sys.stderr)
@@ -148,6 +159,29 @@ def make_toy(root: Path, behaviour: dict[str, str] | None = None, flow: dict | N
     subprocess.run(["git", "-c", "init.defaultBranch=main", "init", "-q"], cwd=root, check=True)
     subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=root, check=True)
     return Project(root)
+
+
+def stage_pid(project: Project, stage: str, wait_s: float = 120) -> int:
+    """The pid of the toy stage's process (it writes it first thing), waiting for it to start."""
+    path = project.root / "attempts" / f"{stage}.pid"
+    deadline = time.monotonic() + wait_s
+    while not (path.exists() and path.read_text()):
+        assert time.monotonic() < deadline, f"stage {stage} never started"
+        time.sleep(0.2)
+    return int(path.read_text())
+
+
+def gone_within(pid: int, seconds: float) -> float | None:
+    """Seconds until process ``pid`` ended (exited or a zombie), or None if it still runs after ``seconds``."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < seconds:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return time.monotonic() - t0
+        except psutil.NoSuchProcess:
+            return time.monotonic() - t0
+        time.sleep(0.1)
+    return None
 
 
 def attempts(project: Project, stage: str) -> int:
@@ -257,6 +291,70 @@ def test_bad_params_fail_without_retry(flows, tmp_path, monkeypatch) -> None:
     assert parent.data.tags["stage.a"] == "failed"
 
 
+# ------------------------------------------------------------------------------- supervision, one flow only
+
+
+def test_stage_past_its_timeout_is_killed_and_not_retried(flows, tmp_path, monkeypatch) -> None:
+    project = make_toy(tmp_path / "project", behaviour={"a": "sleep 300"}, flow={"retries": 2, "task_timeout_s": 8})
+    project.enter(monkeypatch)
+    t0 = time.monotonic()
+    with pytest.raises(flows.StageTimeoutError, match=r"stage a timed out after 8 s \(flow\.task_timeout_s\): its "
+                                                       "processes were killed"):
+        flows.pipeline_flow()
+    assert time.monotonic() - t0 < 60  # the 300 s stage was stopped at its 8 s timeout, not waited for
+    assert attempts(project, "a") == 1 and attempts(project, "b") == 0  # not retried, though flow.retries is 2
+    assert gone_within(stage_pid(project, "a"), 5) is not None
+
+
+def test_dvc_lock_held_elsewhere_fails_the_flow_as_busy_without_retry(flows, tmp_path, monkeypatch) -> None:
+    project = make_toy(tmp_path / "project", flow={"retries": 2})
+    project.enter(monkeypatch)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from dvc.repo import Repo; "
+                               "r = Repo('.'); r.lock.lock(); print('held', flush=True); time.sleep(120)"],
+                              cwd=project.root, stdout=subprocess.PIPE, text=True)  # as a `dvc repro` would
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(flows.PipelineBusyError, match="pipeline busy: stage a: DVC's lock is held"):
+            flows.pipeline_flow()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert attempts(project, "a") == 0  # refused before the stage ran, and not retried
+
+
+def test_second_flow_fails_busy_and_a_killed_flow_stops_its_stage(flows, tmp_path) -> None:
+    from prefect.settings import PREFECT_API_URL
+
+    project = make_toy(tmp_path / "project", behaviour={"a": "sleep 300"})
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "MLFLOW_TRACKING_URI": project.uri}
+    for var in ("BLOCKDROP_PARENT_RUN_ID", "DVC_EXP_NAME", "DVC_ROOT", "BLOCKDROP_ROOT"):
+        env.pop(var, None)
+    command = [sys.executable, "-m", "pipelines.flow", "run"]
+    first = subprocess.Popen(command, cwd=project.root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pid = None
+    try:
+        pid = stage_pid(project, "a")  # the first flow is running stage a
+        t0 = time.monotonic()
+        second = subprocess.run(command, cwd=project.root, env=env, capture_output=True, text=True, timeout=120)
+        assert time.monotonic() - t0 < 30  # at once: no waiting, no retries
+        assert second.returncode == 1, second.stderr
+        errors = [ln for ln in second.stderr.splitlines() if ln.startswith("error:")]
+        assert errors == [f"error: pipeline busy: another flow (pid {first.pid}) is running in {project.root} "
+                          "(it holds .dvc/tmp/blockdrop-flow.lock); try again when it has finished"], second.stderr
+        assert "Traceback" not in second.stderr
+        assert attempts(project, "a") == 1
+        first.kill()  # SIGKILL: the flow cannot clean anything up
+        first.wait()
+        seconds = gone_within(pid, 10)
+        assert seconds is not None, "the stage ran on after its flow was killed"
+    finally:
+        if first.poll() is None:
+            first.kill()
+        if pid is not None:
+            with contextlib.suppress(psutil.Error):
+                psutil.Process(pid).kill()
+
+
 # ------------------------------------------------------------------------------------------ bad input
 
 
@@ -270,7 +368,7 @@ def tiny_prepared(tmp_path_factory) -> Path:
 
     root = make_tiny_repo(tmp_path_factory.mktemp("bad-input") / "repo")
     p = yaml.safe_load((root / "params.yaml").read_text())
-    raw = load_source("fashion-mnist", root / p["data"]["raw_dir"])
+    raw = load_source("fashion-mnist", root / p["data"]["raw_dir"], verify_checksums=False)  # fake idx files
     splits = split_train_val(raw, p["data"]["val_size"], p["seed"], p["data"]["train_limit"], p["data"]["test_limit"])
     write_prepared(splits, raw, "fashion-mnist", root / "data" / "prepared")
     return root
@@ -314,15 +412,20 @@ def test_corrupted_or_missing_checkpoint_names_the_file(tiny_prepared: Path) -> 
 
 @pytest.fixture(scope="module")
 def retrain_runs(flows, tmp_path_factory, isolated_env):
-    """The retrain flow twice on the tiny profile. Between the runs a deliberately degraded copy of the
-    champion (its classifier always answers class 0) is registered as the challenger, and one evaluate
-    param changes, so the second run skips prepare..finetune, re-evaluates, and must keep the champion."""
+    """The retrain flow three times on the tiny profile. Between the first two, a deliberately degraded copy
+    of the champion (its classifier always answers class 0) is registered the way a ``dvc exp run`` elsewhere
+    would (checkpoint artifact, ``dvc_md5`` tag, alias ``challenger``) and made the champion, and one evaluate
+    param changes: the second run skips prepare..finetune, re-evaluates, must pick the version dvc.lock names
+    (not the alias ``challenger``) and promote it over the worse champion. The third, with nothing changed,
+    finds that version already the champion."""
     sys.path.insert(0, str(Path(__file__).parent))
     import torch
     from tinyrepo import make_tiny_repo
 
     from blockdrop import tracking
     from blockdrop.config import load_params
+    from blockdrop.models import save_blockdrop
+    from blockdrop.promotion import load_version
 
     root = make_tiny_repo(tmp_path_factory.mktemp("tiny") / "repo", overrides={"flow": {"retries": 0}})
     project = Project(root)
@@ -332,38 +435,49 @@ def retrain_runs(flows, tmp_path_factory, isolated_env):
 
     params = load_params(root / "params.yaml", exit_on_error=False)
     name = tracking.registry_name(params.data.source, params.model.depth)
-    degraded = tracking.load_registered_model(name, "champion")
+    degraded = load_version(name, 1, root)  # weights only, md5-checked: what promotion itself loads
     with torch.no_grad():
         degraded.backbone.fc.weight.zero_()
         degraded.backbone.fc.bias.copy_(torch.eye(degraded.backbone.fc.out_features)[0])
     example = torch.zeros(1, *degraded.backbone.stem[0].weight.shape[1:2], 28, 28).numpy()
-    with tracking.stage_run("inject-degraded-challenger", params):
-        injected = tracking.log_blockdrop_model(degraded, example, name)
+    elsewhere = tmp_path_factory.mktemp("elsewhere") / "blockdrop.pt"  # not the workspace's DVC out
+    save_blockdrop(degraded.backbone, degraded.policy_net, elsewhere)
+    with tracking.stage_run("inject-degraded-challenger", params) as run:
+        run.client.log_artifact(run.run_id, str(elsewhere), "models")
+        injected = tracking.log_blockdrop_model(degraded, example, name,
+                                                version_tags={"dvc_md5": tracking.dvc_md5(elsewhere)})
+    tracking.set_alias(name, "champion", injected)
 
     raw = project.params()
     raw["evaluate"]["latency_images"] += 1
     (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     second = flows.retrain_flow()
-    return project, name, first, injected, second
+    third = flows.retrain_flow()
+    return project, name, first, injected, second, third
 
 
+def test_retrain_promotes_the_dvc_lock_version_over_a_worse_champion(retrain_runs) -> None:
+    from blockdrop.promotion import locked_md5
 
-def test_retrain_promotes_first_model_then_keeps_champion_against_worse(retrain_runs) -> None:
-    project, name, first, injected, second = retrain_runs
+    project, name, first, injected, second, third = retrain_runs
     client = project.client
     assert first["decision"]["promote"] and first["champion_version_before"] is None
     assert first["challenger_version"] == 1 and injected == 2
-    assert second["challenger_version"] == 2 and second["champion_version_before"] == 1
-    assert not second["decision"]["promote"], second["decision"]
+    v1 = client.get_model_version(name, "1")
+    assert v1.tags["dvc_md5"] == locked_md5(project.root)  # what dvc.lock records for models/blockdrop.pt
+    assert set(v1.tags) >= {"dvc_md5", "git_commit", "params_sha256", "test_accuracy", "flops_mean"}
+    # The alias `challenger` points at the injected version: the flow ignored it and took dvc.lock's.
+    assert second["challenger_version"] == 1 and second["champion_version_before"] == 2
+    assert second["decision"]["promote"], second["decision"]
     assert int(client.get_model_version_by_alias(name, "champion").version) == 1
     assert int(client.get_model_version_by_alias(name, "challenger").version) == 2
 
     chal, champ = second["scores"]["challenger"], second["scores"]["champion"]
-    assert champ["accuracy"] > chal["accuracy"] + 0.01, "the tiny model should beat a constant answer"
+    assert chal["accuracy"] > champ["accuracy"] + 0.01, "the tiny model should beat a constant answer"
     assert chal["flops_mean"] == pytest.approx(champ["flops_mean"])  # same policy network: same FLOPs
-    assert "accuracy" in second["decision"]["reason"]
+    assert not third["decision"]["promote"] and "already the champion" in third["decision"]["reason"]
 
-    for result, verdict in ((first, "promoted"), (second, "kept")):
+    for result, verdict in ((first, "promoted"), (second, "promoted"), (third, "kept")):
         run = client.get_run(result["parent_run_id"])
         assert run.info.run_name == "blockdrop-retrain" and run.info.status == "FINISHED"
         assert run.data.tags["promotion"] == verdict
@@ -372,15 +486,16 @@ def test_retrain_promotes_first_model_then_keeps_champion_against_worse(retrain_
         assert run.data.metrics["challenger/accuracy"] == pytest.approx(result["scores"]["challenger"]["accuracy"])
     run = client.get_run(second["parent_run_id"])
     assert run.data.metrics["champion/accuracy"] == pytest.approx(champ["accuracy"])
-    assert run.data.params["challenger/version"] == "2" and run.data.params["champion/version"] == "1"
-    # The evaluate stage's own number for the model it evaluated is the challenger score of run one.
+    assert run.data.params["challenger/version"] == "1" and run.data.params["champion/version"] == "2"
+    # The evaluate stage's own number for the model it evaluated is the challenger score, and its version tag.
     metrics = json.loads((project.root / "reports/evaluate/metrics.json").read_text())
     assert first["scores"]["challenger"]["accuracy"] == pytest.approx(metrics["blockdrop"]["accuracy"])
-
+    assert float(client.get_model_version(name, "1").tags["test_accuracy"]) == pytest.approx(
+        metrics["blockdrop"]["accuracy"])
 
 
 def test_real_pipeline_stage_runs_nested_with_params_yaml_values(flows, retrain_runs) -> None:
-    project, _, first, _, _ = retrain_runs
+    project, _, first, *_ = retrain_runs
     stages = flows.dag_order(project.root)
     pipeline_run = first["pipeline"]["parent_run_id"]
     assert project.client.get_run(pipeline_run).data.tags["mlflow.parentRunId"] == first["parent_run_id"]
@@ -393,7 +508,7 @@ def test_real_pipeline_stage_runs_nested_with_params_yaml_values(flows, retrain_
 
 
 def test_real_pipeline_up_to_date_stages_recorded_as_skipped(flows, retrain_runs) -> None:
-    project, _, _, _, second = retrain_runs
+    project, _, _, _, second, _ = retrain_runs
     stages = flows.dag_order(project.root)
     status = {s["stage"]: s["status"] for s in second["pipeline"]["stages"]}
     upstream = stages[: stages.index("evaluate")]

@@ -118,3 +118,130 @@ def test_cron_validation_accepts_only_what_prefect_accepts(expr: str) -> None:
         assert expr in cron_error(expr)
     if expr in ("0 3 * * 1", "@daily", "5 4 * * sun"):
         assert cron_error(expr) is None
+
+
+# ------------------------------------------------------------ registry tied to DVC, race-free promotion
+
+MODEL = "blockdrop-test-resnet20"
+
+
+def _register(seed: int) -> tuple[int, str, BlockDropNet]:
+    """Register a BlockDrop net as finetune does: its weights-only checkpoint as a run artifact, and the
+    version tagged with that file's DVC md5. Returns (version, md5, net)."""
+    from pathlib import Path
+
+    from blockdrop.models import save_blockdrop
+
+    net, (split, normalize) = _net(seed), _split(2)
+    ckpt = Path("models/blockdrop.pt")
+    save_blockdrop(net.backbone, net.policy_net, ckpt)
+    example = normalize(split.images[:1]).numpy().astype(np.float32)
+    with tracking.stage_run("finetune", Params()) as run:
+        run.log_artifacts([ckpt])
+        version = tracking.log_blockdrop_model(net, example, MODEL, version_tags=run.lineage_tags(ckpt))
+    return version, tracking.dvc_md5(ckpt), net
+
+
+def _dvc_lock(md5: str) -> None:
+    from pathlib import Path
+
+    import yaml
+
+    lock = {"schema": "2.0", "stages": {"finetune": {"cmd": "python -m pipelines.finetune", "outs": [
+        {"path": "models/blockdrop.pt", "hash": "md5", "md5": md5, "size": 1}]}}}
+    Path("dvc.lock").write_text(yaml.safe_dump(lock))
+
+
+def test_promotion_selects_the_dvc_lock_version_not_the_challenger_alias(store: MlflowClient) -> None:
+    from blockdrop.promotion import PromotionError, load_version, locked_md5, select_version
+
+    v1, md5_1, net1 = _register(0)
+    v2, md5_2, _ = _register(1)  # e.g. a `dvc exp run` elsewhere: it moved `challenger`
+    assert (v1, v2) == (1, 2) and md5_1 != md5_2
+    assert tracking.get_alias_version(MODEL, "challenger") == 2
+    tags = store.get_model_version(MODEL, "1").tags
+    assert tags["dvc_md5"] == md5_1 and tags["params_sha256"] and tags["git_commit"]
+    _dvc_lock(md5_1)
+    assert locked_md5(".") == md5_1
+    assert select_version(MODEL, locked_md5(".")) == 1
+    loaded = load_version(MODEL, 1)  # from the run artifact (no DVC cache here), weights only
+    for a, b in zip(loaded.state_dict().values(), net1.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    _dvc_lock("0" * 32)
+    with pytest.raises(PromotionError, match=f"no version of registered model {MODEL} has tag dvc_md5=0{{32}}"):
+        select_version(MODEL, locked_md5("."))
+
+
+class _Payload:
+    """Unpickling this creates a file: what a tampered artifact could do if it were ever unpickled."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def test_tampered_checkpoint_is_refused_before_it_is_loaded(store: MlflowClient, tmp_path) -> None:
+    import pickle
+    from pathlib import Path
+
+    from blockdrop.promotion import PromotionError, load_version
+
+    version, md5, _ = _register(0)
+    run_id = store.get_model_version(MODEL, str(version)).run_id
+    artifact = Path(store.get_run(run_id).info.artifact_uri.removeprefix("file://")) / "models/blockdrop.pt"
+    assert tracking.dvc_md5(artifact) == md5
+    marker = tmp_path / "code-ran"
+    evil = pickle.dumps(_Payload(str(marker)))
+    pickle.loads(evil)  # the payload works: unpickling it runs code
+    assert marker.exists()
+    marker.unlink()
+
+    artifact.write_bytes(evil)
+    with pytest.raises(PromotionError, match=rf"{MODEL} version {version}: checkpoint md5 \w+ != its dvc_md5 tag"):
+        load_version(MODEL, version)
+    assert not marker.exists()
+
+    # The DVC cache is read first when it holds the file; tampered there, it is refused the same way.
+    cached = Path(".dvc/cache/files/md5") / md5[:2] / md5[2:]
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(evil)
+    with pytest.raises(PromotionError, match=f"version {version}: checkpoint md5"):
+        load_version(MODEL, version)
+    assert not marker.exists()
+    cached.write_bytes(Path("models/blockdrop.pt").read_bytes())  # the genuine bytes: loads
+    assert isinstance(load_version(MODEL, version), BlockDropNet)
+
+
+def test_two_promotions_racing_one_loses_cleanly(store: MlflowClient) -> None:
+    import threading
+
+    from blockdrop.promotion import ChampionChangedError, promote
+
+    v1, _, _ = _register(0)
+    v2, _, _ = _register(1)
+    tracking.get_alias_version(MODEL, "champion")  # warm the store before the threads start
+    barrier, outcome = threading.Barrier(2), {}
+
+    def contender(version: int) -> None:
+        expected = tracking.get_alias_version(MODEL, "champion")  # both read "no champion"...
+        barrier.wait()  # ...then both try to swap it in at once
+        try:
+            promote(MODEL, version, expected)
+            outcome[version] = "won"
+        except ChampionChangedError as error:
+            outcome[version] = str(error)
+
+    threads = [threading.Thread(target=contender, args=(v,)) for v in (v1, v2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    (winner,) = [v for v, o in outcome.items() if o == "won"]
+    (loser,) = [v for v in (v1, v2) if v != winner]
+    assert outcome[loser] == (f"champion of {MODEL} changed from none to v{winner} while version {loser} was being "
+                              "scored: not promoted (another promotion won; rerun the retrain flow to compare again)")
+    assert tracking.get_alias_version(MODEL, "champion") == winner
+    promote(MODEL, loser, expected=winner)  # with the current champion as expected, the swap goes through
+    assert tracking.get_alias_version(MODEL, "champion") == loser
