@@ -128,33 +128,26 @@ def _assert_set_aside(path: Path, parts: dict, fresh: dict, gen: torch.Generator
     assert len(lines) == 1 and str(stale) in lines[0]
 
 
-def test_state_of_another_key_is_set_aside(saved: Path, caplog) -> None:
-    parts, gen = _parts(), torch.Generator().manual_seed(9)
-    fresh = _snapshot(parts)
-    with caplog.at_level(logging.INFO):
-        result = resume_state(saved, "other key", parts, gen)
-    _assert_set_aside(saved, parts, fresh, gen, result, caplog)
-    assert "other params or inputs" in caplog.text
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
-def test_state_that_does_not_fit_is_set_aside_untouched(saved: Path, caplog) -> None:
+@pytest.mark.parametrize(("key", "parts_kwargs", "damage", "said"), [
+    pytest.param("other key", {}, None, ["other params or inputs"], id="another-key"),
     # "first" fits and loads, then "second" has another shape: "first" must be back to its fresh weights.
-    parts, gen = _parts(out_features=5), torch.Generator().manual_seed(9)
+    pytest.param("key", {"out_features": 5}, None, ["does not fit", "size mismatch"], id="does-not-fit"),
+    pytest.param("key", {}, _truncate, ["unreadable"], id="truncated"),
+])
+def test_a_state_that_cannot_be_resumed_is_set_aside_untouched(saved: Path, caplog, key, parts_kwargs, damage,
+                                                               said) -> None:
+    if damage:
+        damage(saved)
+    parts, gen = _parts(**parts_kwargs), torch.Generator().manual_seed(9)
     fresh = _snapshot(parts)
     with caplog.at_level(logging.INFO):
-        result = resume_state(saved, "key", parts, gen)
+        result = resume_state(saved, key, parts, gen)
     _assert_set_aside(saved, parts, fresh, gen, result, caplog)
-    assert "does not fit" in caplog.text and "size mismatch" in caplog.text
-
-
-def test_truncated_state_is_set_aside(saved: Path, caplog) -> None:
-    saved.write_bytes(saved.read_bytes()[: saved.stat().st_size // 2])
-    parts, gen = _parts(), torch.Generator().manual_seed(9)
-    fresh = _snapshot(parts)
-    with caplog.at_level(logging.INFO):
-        result = resume_state(saved, "key", parts, gen)
-    _assert_set_aside(saved, parts, fresh, gen, result, caplog)
-    assert "unreadable" in caplog.text
+    assert all(text in caplog.text for text in said), caplog.text
 
 
 def test_state_that_fits_is_resumed(saved: Path) -> None:
