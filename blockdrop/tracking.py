@@ -408,6 +408,17 @@ def _host_tags() -> dict[str, str]:
     }
 
 
+def _precision(params: Params) -> str:
+    """The precision ``precision: auto`` resolves to where this stage runs (bf16 only where it is native):
+    the same params give other numbers in bf16 than in fp32, so the run says which it trained in."""
+    import torch
+
+    from blockdrop.runtime import resolve_precision
+
+    cuda = params.device in ("auto", "cuda") and torch.cuda.is_available()
+    return resolve_precision(params.precision, torch.device("cuda" if cuda else "cpu"))
+
+
 def _lease_path(stage: str) -> Path:
     """``checkpoints/<stage>.run.json`` in the stage's own folder (beside its resume state): two DVC
     experiments running the same stage in two temp folders never see each other's lease."""
@@ -473,7 +484,8 @@ def stage_run(stage: str, params: Params, data_sha256: str | None = None) -> Ite
         client, experiment_id = _connect(params)
         previous = _take_over_lease(stage, client)
         flat, keys = _stage_params(stage, params)
-        tags = _base_tags(stage) | _host_tags() | {"params_sha256": params_sha256(params, keys)}
+        tags = (_base_tags(stage) | _host_tags() | {"precision": _precision(params)}
+                | {"params_sha256": params_sha256(params, keys)})
         if data_sha256:
             tags["data_sha256"] = data_sha256
         # mlflow 3 accepts a parent that is not active in this process: it checks the run exists and sets

@@ -30,6 +30,7 @@ from mlflow import MlflowClient
 
 from blockdrop import lineage, tracking
 from blockdrop.config import Params
+from blockdrop.runtime import bf16_is_fast
 from blockdrop.train.resume import resume_state, save_state
 
 REPO = Path(__file__).resolve().parents[1]
@@ -213,10 +214,16 @@ def test_a_failed_run_keeps_its_lease_for_the_rerun(mlflow_project: str) -> None
     assert client.get_run(failed.run_id).info.status == "FAILED"
 
 
-def test_stage_runs_carry_cpu_and_torch_build(mlflow_project: str) -> None:
+def test_stage_runs_carry_cpu_torch_build_and_precision(mlflow_project: str) -> None:
     with tracking.stage_run("evaluate", Params()) as run:
         pass
-    tags = MlflowClient(mlflow_project).get_run(run.run_id).data.tags
+    with tracking.stage_run("evaluate", Params(device="cpu", precision="fp32")) as fp32:
+        pass
+    client = MlflowClient(mlflow_project)
+    tags = client.get_run(run.run_id).data.tags
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert tags["precision"] == ("bf16" if bf16_is_fast(device) else "fp32")  # what `auto` resolved to here
+    assert client.get_run(fp32.run_id).data.tags["precision"] == "fp32"
     assert tags["host.cpu"] and tags["host.cpu"] != "unknown"
     assert tags["torch.version"] == torch.__version__
     assert tags["torch.cpu_capability"] == torch.backends.cpu.get_cpu_capability()
