@@ -411,12 +411,9 @@ def _host_tags() -> dict[str, str]:
 def _precision(params: Params) -> str:
     """The precision ``precision: auto`` resolves to where this stage runs (bf16 only where it is native):
     the same params give other numbers in bf16 than in fp32, so the run says which it trained in."""
-    import torch
+    from blockdrop.runtime import resolve_precision, select_device
 
-    from blockdrop.runtime import resolve_precision
-
-    cuda = params.device in ("auto", "cuda") and torch.cuda.is_available()
-    return resolve_precision(params.precision, torch.device("cuda" if cuda else "cpu"))
+    return resolve_precision(params.precision, select_device(params.device))  # the device the stage picked
 
 
 def _lease_path(stage: str) -> Path:
