@@ -66,13 +66,24 @@ class Conflict(ValueError):
 
 
 class Data(Section):
-    source: Literal["fashion-mnist", "cifar10", "cifar100"] = "fashion-mnist"
-    raw_dir: str = "data/raw"  # where local copies of the raw datasets are looked for first
+    source: Literal["fashion-mnist", "cifar10", "cifar100", "imagenet"] = "fashion-mnist"
+    raw_dir: str = "data/raw"  # local copies of the raw datasets are looked for here first (ImageNet: raw_dir/imagenet)
     val_size: NonNegInt = 5000  # images carved from train, deterministically from `seed`
     train_limit: NonNegInt = 0  # keep only this many training images (0: all); for tests and quick looks
     test_limit: NonNegInt = 0  # keep only the first this many test images (0: all)
     # Refuse raw Fashion-MNIST idx files whose md5 is not the published data's (false only for data of your own)
     verify_checksums: bool = True
+    # ImageNet only (decoded from JPEG on the fly, as the authors did): the shorter side is resized to `resize`,
+    # then a random (train) or centred (val, test) image_size x image_size crop is taken.
+    resize: PositiveInt = 256
+    image_size: PositiveInt = 224
+
+    @model_validator(mode="after")
+    def _crop_within_resize(self) -> Data:
+        if self.image_size > self.resize:
+            raise Conflict(("image_size", "resize"), f"a {self.image_size}px crop does not fit images resized to "
+                           f"{self.resize}px")
+        return self
 
     @field_validator("val_size")
     @classmethod
@@ -82,21 +93,46 @@ class Data(Section):
         return size
 
 
+IMAGENET_DEPTH = 101  # the one ImageNet backbone: torchvision's ResNet-101 (33 bottleneck blocks)
+
+
 class Model(Section):
+    # 6n+2 (20, 32, 56, 110): a CIFAR ResNet with 3n basic blocks; 101: torchvision's ResNet-101 (ImageNet)
     depth: Annotated[int, Field(ge=8, le=1202)] = 32
+    # ImageNet only: torchvision weights files, read locally, never downloaded. The hash in a torchvision
+    # file name (resnet101-63fe2227.pth) is the start of its sha256 and is checked, so the name pins the
+    # content and this param alone is the dependency DVC needs.
+    weights: str = ""  # the backbone ResNet-101's (required for depth 101)
+    policy_weights: str = ""  # ResNet-18's, to initialise the ResNet-10 policy as the authors did ("": random)
 
     @field_validator("depth")
     @classmethod
     def _six_n_plus_two(cls, depth: int) -> int:
-        if (depth - 2) % 6:
-            raise ValueError(f"must be 6n+2 (20, 32, 56, 110), got {depth}")
+        if depth != IMAGENET_DEPTH and (depth - 2) % 6:
+            raise ValueError(f"must be 6n+2 (20, 32, 56, 110) or {IMAGENET_DEPTH} (ImageNet), got {depth}")
         return depth
+
+    @property
+    def imagenet(self) -> bool:
+        return self.depth == IMAGENET_DEPTH
+
+    @model_validator(mode="after")
+    def _weights_for_imagenet(self) -> Model:
+        if self.imagenet and not self.weights:
+            raise Conflict(("weights", "depth"), "ResNet-101 starts from torchvision's ImageNet weights: name the "
+                           "local file (e.g. models/pretrained/resnet101-63fe2227.pth)")
+        if not self.imagenet and (self.weights or self.policy_weights):
+            key = "weights" if self.weights else "policy_weights"
+            raise Conflict((key, "depth"), f"weights files are for the ImageNet ResNet-101, not depth {self.depth}")
+        return self
 
 
 class Pretrain(Section):
-    epochs: PositiveInt = 5
+    epochs: NonNegInt = 5  # 0: no training, the backbone is model.weights as they are (ImageNet, as the authors)
     batch_size: PositiveInt = 128
     lr: PositiveFloat = 0.2  # peak learning rate, reached after the warm-up
+    # cosine: to 0 after the warm-up | step: x0.1 at 50% and 75% of training (He et al.'s CIFAR schedule)
+    lr_schedule: Literal["cosine", "step"] = "cosine"
     warmup_epochs: NonNegFloat = 1.0
     momentum: Fraction = 0.9
     weight_decay: NonNegFloat = 5e-4
@@ -136,6 +172,9 @@ class Curriculum(Section):
     crop_padding: NonNegInt = 4
     flip: bool = True
     val_images: NonNegInt = 0  # validation images scored after each epoch (0 = all); training ignores them
+    # Training steps per newly unlocked block (0: one block per epoch, the authors' schedule). With many
+    # images per epoch (the fast GPU profiles) unlocking by steps reaches all K blocks in a fraction of the time.
+    unlock_every: NonNegInt = 0
 
 
 class Finetune(Section):
@@ -149,8 +188,19 @@ class Finetune(Section):
     pg_reduction: Literal["mean", "sum"] = "mean"  # authors' code sums over the batch here
     execution: Literal["sparse", "masked"] = "sparse"  # blocks on the images that keep them | paper's dense form
     greedy_ce: NonNegFloat = 0.0  # weight of the cross-entropy under the greedy actions (0: the paper's loss)
+    # The authors' step decay: from epoch lr_decay_epoch on (counted from 0) both rates are multiplied by
+    # lr_decay (their CIFAR run: 1600 of 2000 epochs). 0: never.
+    lr_decay_epoch: NonNegInt = 0
+    lr_decay: Annotated[Float, Field(gt=0.0, le=1.0)] = 0.1
     crop_padding: NonNegInt = 4
     flip: bool = True
+
+    @model_validator(mode="after")
+    def _decay_within_training(self) -> Finetune:
+        if self.lr_decay_epoch >= self.epochs:
+            raise Conflict(("lr_decay_epoch", "epochs"), f"a decay from epoch {self.lr_decay_epoch} never happens in "
+                           f"{self.epochs} epochs (0 turns it off)")
+        return self
 
 
 class Evaluate(Section):
@@ -245,7 +295,11 @@ class Params(Section):
     seed: NonNegInt = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: NonNegInt = 0  # CPU threads for torch; 0 = every core
+    workers: NonNegInt = 6  # ImageNet: DataLoader processes decoding JPEGs (0: in the stage's own process)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 where the hardware runs it natively
+    # torch.compile the networks of the training steps (pays on a GPU with execution: masked; on a CPU it gave
+    # nothing, and the sparse forward's data-dependent shapes break its graphs)
+    compile: bool = False
     data: Data = Data()
     model: Model = Model()
     pretrain: Pretrain = Pretrain()
@@ -260,6 +314,20 @@ class Params(Section):
     @model_validator(mode="after")
     def _sections_agree(self) -> Params:
         # Only what params.yaml alone decides; checks against the data's shape are in check_data_fit.
+        imagenet_data = self.data.source == "imagenet"
+        if imagenet_data != self.model.imagenet:
+            raise Conflict(("data.source", "model.depth"), f"ImageNet goes with the ResNet-{IMAGENET_DEPTH} and the "
+                           f"CIFAR ResNets with 32x32 data; got {self.data.source} with depth {self.model.depth}")
+        if imagenet_data:  # JPEGs are cropped by data.resize/image_size: a second crop would be silently ignored
+            flat = flatten(self.model_dump())
+            crops = [key for key in ("pretrain.crop_padding", "pretrain.crop_size", "curriculum.crop_padding",
+                                     "finetune.crop_padding") if flat[key]]
+            if crops:
+                raise Conflict((*crops, "data.source"), "ImageNet images are cropped by data.resize and "
+                               "data.image_size; set these to 0")
+        if self.pretrain.epochs == 0 and not self.model.weights:
+            raise Conflict(("pretrain.epochs", "model.weights"), "0 epochs trains nothing: it needs a backbone "
+                           "weights file to start from")
         if self.data.test_limit and self.evaluate.latency_needs > self.data.test_limit:
             raise Conflict(("evaluate.latency_warmup", "evaluate.latency_images", "data.test_limit"),
                            f"{self.evaluate.latency_warmup} warm-up + {self.evaluate.latency_images} timed images "

@@ -59,6 +59,17 @@ STAGE_CASES = [
 SCHEMA_CASES = [
     ("seed: 1.5", "seed"),
     ("threads: null", "threads"),
+    ("workers: -1", "workers"),
+    ("compile: yes please", "compile"),
+    ("data: {image_size: 300}", "data.image_size"),  # larger than data.resize
+    ("model: {depth: 101}", "model.weights"),  # ResNet-101 needs torchvision weights
+    ("model: {weights: w.pth}", "model.weights"),  # weights are for ResNet-101 only
+    ("data: {source: imagenet}", "data.source"),  # ImageNet goes with depth 101
+    ("{data: {source: imagenet}, model: {depth: 101, weights: w.pth}}", "curriculum.crop_padding"),
+    ("pretrain: {epochs: 0, warmup_epochs: 0}", "pretrain.epochs"),  # nothing to start from
+    ("pretrain: {lr_schedule: linear}", "pretrain.lr_schedule"),
+    ("finetune: {lr_decay_epoch: 2}", "finetune.lr_decay_epoch"),  # never reached in 2 epochs (tiny: 1)
+    ("finetune: {lr_decay: 0}", "finetune.lr_decay"),
     ("data: {raw_dir: null}", "data.raw_dir"),
     ("data: {val_size: .nan}", "data.val_size"),
     ("model: {depth: 2000}", "model.depth"),

@@ -51,7 +51,7 @@ MISTAKES = [
     ("pretrain: {epochs: 5.0}", "pretrain.epochs"),  # nor is a float
     ("pretrain: {flip: 1}", "pretrain.flip"),  # 1 is not a bool
     ("finetune: {lr: fast}", "finetune.lr"),
-    ("pretrain: {epochs: 0}", "pretrain.epochs"),  # must be positive
+    ("pretrain: {epochs: -1}", "pretrain.epochs"),  # must not be negative
     ("curriculum: {alpha: 0.4}", "curriculum.alpha"),  # alpha <= 0.5 would invert the policy
     ("curriculum: {alpha: 1.5}", "curriculum.alpha"),
     ("pretrain: {label_smoothing: 1.0}", "pretrain.label_smoothing"),
@@ -231,7 +231,8 @@ def test_repo_dvc_yaml_keys_are_real_params() -> None:
 def test_select_params() -> None:
     p = parse_params(merged("seed: 4\npretrain: {epochs: 9}"))
     selected = select_params(p, ["seed", "model", "pretrain.epochs", "pretrain.lr"])
-    assert selected == {"seed": 4, "model.depth": 32, "pretrain.epochs": 9, "pretrain.lr": p.pretrain.lr}
+    assert selected == {"seed": 4, "model.depth": 32, "model.weights": "", "model.policy_weights": "",
+                        "pretrain.epochs": 9, "pretrain.lr": p.pretrain.lr}
     # A key is a whole name or a section: "pretrain.epoch" selects nothing.
     assert select_params(p, ["pretrain.epoch"]) == {}
     assert select_params(p, []) == {}
