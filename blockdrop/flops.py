@@ -1,10 +1,12 @@
 """FLOPs per image under the paper's convention, measured by torch's own counter.
 
 Convention (the authors' test script): a convolution costs 2*Cin*Cout*kh*kw*Hout*Wout, a linear layer
-2*in*out; BatchNorm, ReLU, pooling and additions are free, and so are the parameter-free shortcuts.
+2*in*out; BatchNorm, ReLU, pooling and additions are free, and so are the parameter-free CIFAR shortcuts.
+The ImageNet ResNet's downsample convolutions live in ``shortcuts``, not ``blocks``: they run even when
+their block is dropped, so they count in the always-run base (the authors' convention).
 ``torch.utils.flop_counter.FlopCounterMode`` counts exactly convolutions and matrix products with these
 formulas, so one forward pass of a single image, broken down by module, gives every number we need:
-what always runs (stem and classifier), what each residual block adds, and what the policy network costs.
+what always runs (stem, shortcuts and classifier), what each residual block adds, and what the policy network costs.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from blockdrop.models import CifarResNet
+from blockdrop.models import BlockResNet
 
 __all__ = ["FlopTable", "count_flops", "module_flops"]
 
@@ -47,7 +49,7 @@ class FlopTable:
         return self.base + (self.policy if with_policy else 0) + actions.double() @ blocks
 
 
-def count_flops(backbone: CifarResNet, input_shape: tuple[int, ...], policy_net: torch.nn.Module | None = None
+def count_flops(backbone: BlockResNet, input_shape: tuple[int, ...], policy_net: torch.nn.Module | None = None
                 ) -> FlopTable:
     """Count the backbone's per-block FLOPs (and the policy network's) for images of ``input_shape``."""
     counts = module_flops(backbone, input_shape)

@@ -9,35 +9,62 @@ it is compared with), so the timing compares the same kind of code on both sides
 from __future__ import annotations
 
 import copy
+import itertools
 import statistics
 import time
 from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from blockdrop.models import BasicBlock, CifarResNet
+from blockdrop.models import BlockResNet, PolicyNet
+
+M = TypeVar("M", bound=nn.Module)
 
 __all__ = ["FullPredictor", "SkippingPredictor", "fold_batchnorm", "measure_latency"]
 
 
-def fold_batchnorm(model: CifarResNet) -> CifarResNet:
-    """An eval-mode copy of ``model`` with every BatchNorm folded into the convolution before it."""
+def _conv_bn_pairs(module: nn.Module) -> list[tuple[nn.Module, str, str]]:
+    """(parent, conv name, BN name) of every convolution followed by a BatchNorm inside ``module``.
+
+    Two layouts hold every pair in these networks: an ``nn.Sequential`` with a BN right after a conv (the
+    stems, torchvision's ``downsample``), and attributes ``convN`` / ``bnN`` where ``bnN`` normalises
+    ``convN``'s output (our basic and bottleneck branches, torchvision's BasicBlock and ResNet stem).
+    """
+    pairs = []
+    for parent in module.modules():
+        if isinstance(parent, nn.Sequential):
+            pairs += [(parent, a, b) for (a, conv), (b, bn) in itertools.pairwise(parent.named_children())
+                      if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)]
+        for n in range(1, 4):
+            conv, bn = getattr(parent, f"conv{n}", None), getattr(parent, f"bn{n}", None)
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                pairs.append((parent, f"conv{n}", f"bn{n}"))
+    return pairs
+
+
+def fold_batchnorm(model: M) -> M:
+    """An eval-mode copy of ``model`` with every BatchNorm folded into the convolution before it.
+
+    Works for both backbones and both policy networks; a BatchNorm left unfolded (a layout not listed in
+    ``_conv_bn_pairs``) is an error, not a silent slowdown.
+    """
     model = copy.deepcopy(model).eval()
-    model.stem[0] = fuse_conv_bn_eval(model.stem[0], model.stem[1])
-    model.stem[1] = nn.Identity()
-    for block in model.blocks:
-        assert isinstance(block, BasicBlock)
-        block.conv1, block.bn1 = fuse_conv_bn_eval(block.conv1, block.bn1), nn.Identity()
-        block.conv2, block.bn2 = fuse_conv_bn_eval(block.conv2, block.bn2), nn.Identity()
+    for parent, conv, bn in _conv_bn_pairs(model):
+        setattr(parent, conv, fuse_conv_bn_eval(getattr(parent, conv), getattr(parent, bn)))
+        setattr(parent, bn, nn.Identity())
+    left = [name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if left:
+        raise TypeError(f"fold_batchnorm: no convolution found before {', '.join(left)}")
     return model
 
 
 class FullPredictor:
     """The full backbone, BatchNorm folded: the baseline of the speedup."""
 
-    def __init__(self, backbone: CifarResNet) -> None:
+    def __init__(self, backbone: BlockResNet) -> None:
         self.backbone = fold_batchnorm(backbone)
 
     @torch.inference_mode()
@@ -48,7 +75,7 @@ class FullPredictor:
 class SkippingPredictor:
     """BlockDrop at batch size 1: policy network, then the backbone with dropped blocks not computed."""
 
-    def __init__(self, backbone: CifarResNet, policy_net: CifarResNet) -> None:
+    def __init__(self, backbone: BlockResNet, policy_net: PolicyNet) -> None:
         self.backbone, self.policy_net = fold_batchnorm(backbone), fold_batchnorm(policy_net)
 
     @torch.inference_mode()

@@ -1,9 +1,14 @@
-"""The backbone ResNets and the policy network."""
+"""The backbone ResNets and the policy networks (CIFAR and ImageNet families)."""
 
-from blockdrop.models.resnet import BasicBlock, CifarResNet, Shortcut, cifar_resnet, policy_resnet8
-
-__all__ = ["BasicBlock", "CifarResNet", "Shortcut", "cifar_resnet", "policy_resnet8"]
 from blockdrop.models.blockdrop_net import BlockDropNet
+from blockdrop.models.factory import PolicyNet, build_backbone, build_policy, family
+from blockdrop.models.imagenet import (
+    BottleneckBranch,
+    ImageNetResNet,
+    PolicyResNet10,
+    imagenet_resnet101,
+    policy_resnet10,
+)
 from blockdrop.models.io import (
     load_backbone,
     load_blockdrop,
@@ -12,6 +17,12 @@ from blockdrop.models.io import (
     save_blockdrop,
     save_policy,
 )
+from blockdrop.models.pretrained import check_torchvision_arch, load_torchvision_weights
+from blockdrop.models.resnet import BasicBlock, BlockResNet, CifarResNet, Shortcut, cifar_resnet, policy_resnet8
 
-__all__ += ["BlockDropNet", "load_backbone", "load_blockdrop", "load_policy", "save_backbone", "save_blockdrop",
-            "save_policy"]
+__all__ = [
+    "BasicBlock", "BlockDropNet", "BlockResNet", "BottleneckBranch", "CifarResNet", "ImageNetResNet", "PolicyNet",
+    "PolicyResNet10", "Shortcut", "build_backbone", "build_policy", "check_torchvision_arch", "cifar_resnet", "family",
+    "imagenet_resnet101", "load_backbone", "load_blockdrop", "load_policy", "load_torchvision_weights",
+    "policy_resnet8", "policy_resnet10", "save_backbone", "save_blockdrop", "save_policy",
+]

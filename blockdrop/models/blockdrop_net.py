@@ -11,13 +11,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from blockdrop.models.resnet import CifarResNet
+from blockdrop.models.factory import PolicyNet
+from blockdrop.models.resnet import BlockResNet
 
 __all__ = ["BlockDropNet"]
 
 
 class BlockDropNet(nn.Module):
-    def __init__(self, backbone: CifarResNet, policy_net: CifarResNet) -> None:
+    def __init__(self, backbone: BlockResNet, policy_net: PolicyNet) -> None:
         super().__init__()
         if policy_net.fc.out_features != backbone.num_blocks:
             raise ValueError(f"policy decides {policy_net.fc.out_features} blocks, backbone has {backbone.num_blocks}")

@@ -1,7 +1,9 @@
-"""CIFAR-style ResNets (He et al. 2016, option A shortcuts) that can run a per-image block policy.
+"""ResNets that can run a per-image block policy: the shared machinery, and the CIFAR family.
 
-A network of depth 6n+2 has three stages of n basic blocks (16, 32, 64 channels, strides 1, 2, 2), so
-K = 3n residual blocks that a policy can switch on or off. Four ways to run it:
+``BlockResNet`` is what every stage sees: a ``stem``, K residual *branches* in ``blocks``, one shortcut per
+block in ``shortcuts`` (identity, or whatever downsamples at a stage's first block), and a classifier
+``head``. The CIFAR ResNets here (He et al. 2016, option A shortcuts) and torchvision's ResNet-101
+(``blockdrop.models.imagenet``) both fill it in. Four ways to run one:
 
 * ``forward(x)``: the full network, every block on.
 * ``forward(x, policy)``: one 0/1 action per image and block; each block runs only on the images that
@@ -11,6 +13,9 @@ K = 3n residual blocks that a policy can switch on or off. Four ways to run it:
   image and a dropped block's output is multiplied by 0. It saves no time; stochastic depth uses it.
 * ``forward_skipping(x, actions)``: *real* skipping for a batch that shares one policy (batch size 1 at
   inference): a dropped block is never computed, which is where BlockDrop's speedup comes from.
+
+A CIFAR network of depth 6n+2 has three stages of n basic blocks (16, 32, 64 channels, strides 1, 2, 2),
+so K = 3n residual blocks that a policy can switch on or off.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["BasicBlock", "CifarResNet", "Shortcut", "cifar_resnet", "policy_resnet8"]
+__all__ = ["BasicBlock", "BlockResNet", "CifarResNet", "Shortcut", "cifar_resnet", "policy_resnet8"]
 
 
 class BasicBlock(nn.Module):
@@ -57,29 +62,30 @@ class Shortcut(nn.Module):
         return x
 
 
-class CifarResNet(nn.Module):
-    """ResNet with ``blocks_per_stage`` basic blocks in each of three stages (16/32/64 channels)."""
+class BlockResNet(nn.Module):
+    """A ResNet laid out for BlockDrop: ``stem``, then block t is ``x = relu(shortcuts[t](x) + blocks[t](x))``
+    where it runs and ``x = shortcuts[t](x)`` where it is dropped, then ``head``.
 
-    def __init__(self, blocks_per_stage: Sequence[int], num_classes: int, in_channels: int = 3) -> None:
-        super().__init__()
-        self.blocks_per_stage = tuple(blocks_per_stage)
-        self.stem = nn.Sequential(
-            nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(inplace=True)
-        )
-        blocks, shortcuts = [], []
-        channels = 16
-        for stage, n in enumerate(self.blocks_per_stage):
-            width, stride = 16 * 2**stage, 1 if stage == 0 else 2
-            for b in range(n):
-                s = stride if b == 0 else 1
-                blocks.append(BasicBlock(channels, width, s))
-                shortcuts.append(Shortcut(channels, width, s) if (s > 1 or channels != width) else nn.Identity())
-                channels = width
-        self.blocks, self.shortcuts = nn.ModuleList(blocks), nn.ModuleList(shortcuts)
-        self.fc = nn.Linear(channels, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    Subclasses build ``stem``, ``blocks`` (the residual branches, without the addition and final ReLU),
+    ``shortcuts`` (one per block), ``fc`` and ``blocks_per_stage``; the ways of running a policy live here,
+    so both families run them identically. A dropped stage-first block keeps its shortcut, as in the
+    authors' FlatResNet: the next block needs the downsampled shape.
+    """
+
+    stem: nn.Sequential
+    blocks: nn.ModuleList
+    shortcuts: nn.ModuleList
+    fc: nn.Linear
+    blocks_per_stage: tuple[int, ...]
+
+    @property
+    def depth(self) -> int:
+        """The layer count in the network's name (32, 110, 101): weighted layers on the main path."""
+        raise NotImplementedError
+
+    @property
+    def in_channels(self) -> int:
+        return self.stem[0].in_channels
 
     @property
     def num_blocks(self) -> int:
@@ -99,9 +105,10 @@ class CifarResNet(nn.Module):
         ~50% of blocks BlockDrop keeps, a training step is about 1.3x faster than the dense formula on a
         CPU). In train mode a block's BatchNorm then sees only the images that run it, the same images
         whose statistics its running averages stand for at test time; ``forward_masked`` is the dense
-        formula, where it sees the whole batch. Both give the same logits in eval mode. No ReLU is needed
-        on the skipped path: the residual is already non-negative, since every block ends in a ReLU and
-        pooling and zero padding keep that.
+        formula, where it sees the whole batch. Both give the same logits in eval mode. The skipped path
+        has no ReLU, as in the authors' code: with parameter-free CIFAR shortcuts the residual is already
+        non-negative (every block ends in a ReLU; pooling and zero padding keep that), while a dropped
+        ImageNet stage-first block hands on its downsample's BatchNorm output as it is.
         """
         x = self.stem(x)
         keep = None if policy is None else policy > 0.5
@@ -140,6 +147,36 @@ class CifarResNet(nn.Module):
             residual = shortcut(x)
             x = F.relu(residual + block(x)) if on else residual
         return self.head(x)
+
+
+class CifarResNet(BlockResNet):
+    """ResNet with ``blocks_per_stage`` basic blocks in each of three stages (16/32/64 channels)."""
+
+    def __init__(self, blocks_per_stage: Sequence[int], num_classes: int, in_channels: int = 3) -> None:
+        super().__init__()
+        self.blocks_per_stage = tuple(blocks_per_stage)
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(inplace=True)
+        )
+        blocks, shortcuts = [], []
+        channels = 16
+        for stage, n in enumerate(self.blocks_per_stage):
+            width, stride = 16 * 2**stage, 1 if stage == 0 else 2
+            for b in range(n):
+                s = stride if b == 0 else 1
+                blocks.append(BasicBlock(channels, width, s))
+                shortcuts.append(Shortcut(channels, width, s) if (s > 1 or channels != width) else nn.Identity())
+                channels = width
+        self.blocks, self.shortcuts = nn.ModuleList(blocks), nn.ModuleList(shortcuts)
+        self.fc = nn.Linear(channels, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    @property
+    def depth(self) -> int:
+        """6n+2: the stem, two convolutions per block, the classifier."""
+        return 2 * sum(self.blocks_per_stage) + 2
 
 
 def cifar_resnet(depth: int, num_classes: int, in_channels: int = 3) -> CifarResNet:
