@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from blockdrop.config import Params, ParamsError, check_data_fit, load_params, refuse
-from blockdrop.data import DataSourceError, Meta, Normalize, Split, load_meta, load_split
+from blockdrop.data import DataSourceError, FolderSplit, Meta, Normalize, Split, load_meta, load_split
 from blockdrop.files import CheckpointError, write_csv, write_json
 from blockdrop.lineage import resume_key
 from blockdrop.runtime import resolve_precision, seed_everything, select_device
@@ -79,15 +79,16 @@ def check_fit(ctx: StageContext, shape: tuple[int, ...] | list[int], sizes: dict
         raise refuse(e) from None
 
 
-def load_data(ctx: StageContext, *splits: str) -> tuple[Meta, dict[str, Split], Normalize]:
+def load_data(ctx: StageContext, *splits: str) -> tuple[Meta, dict[str, Split | FolderSplit], Normalize]:
     """Prepared meta, the named splits moved to the stage's device, and their normalisation.
 
     Params that cannot run on this data (a crop larger than the images, ...) exit 2 here, before the
-    splits are read, a model is loaded or an MLflow run is opened.
+    splits are read, a model is loaded or an MLflow run is opened. A folder split (ImageNet) stays on disk
+    and is decoded by ``params.workers`` DataLoader processes as batches are drawn.
     """
     meta = load_meta(DATA_DIR)
     check_fit(ctx, meta.shape, meta.sizes)
-    loaded = {s: load_split(DATA_DIR, s).to(ctx.device) for s in splits}
+    loaded = {s: load_split(DATA_DIR, s, meta, workers=ctx.params.workers).to(ctx.device) for s in splits}
     return meta, loaded, Normalize(meta.mean, meta.std, ctx.device)
 
 

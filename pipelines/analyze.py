@@ -28,6 +28,8 @@ def main() -> None:
         evaluate_metrics = json.loads(EVALUATE_METRICS.read_text())
         histories = {name: read_history(path) for name, path in HISTORIES.items()}
         with tracking.stage_run("analyze", ctx.params, data_sha256=meta.data_sha256) as run:
+            # In-memory splits: the uint8 array. A folder split (ImageNet): a lazy view that decodes only the
+            # images the figures show (its 50k test images would take 7.5 GB).
             metrics, written = run_analysis(per_image, test.images.numpy(), meta.classes, ctx.params.analyze,
                                             REPORTS, ctx.params.seed, evaluate_metrics, histories)
             log.info("wrote %d files under %s", len(written), REPORTS)

@@ -1,34 +1,74 @@
-"""DVC stage ``prepare``: raw dataset -> uint8 tensors for train / val / test plus meta.json."""
+"""DVC stage ``prepare``: raw dataset -> uint8 tensors for train / val / test plus meta.json.
+
+ImageNet (``data.source: imagenet``) stays in its folders: the splits written are indexes of its image files.
+"""
 
 from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from blockdrop import stage, tracking
-from blockdrop.data import load_source, split_train_val, write_prepared
+from blockdrop.data import (
+    Meta,
+    carve_folder_splits,
+    load_source,
+    scan_imagenet,
+    split_train_val,
+    write_folder_prepared,
+    write_prepared,
+)
 from blockdrop.files import fsync_dir
 
 log = logging.getLogger("blockdrop.prepare")
+
+
+def read_tensors(ctx: stage.StageContext) -> Callable[[Path], Meta]:
+    """Read Fashion-MNIST / CIFAR into memory; return the writer of its prepared splits."""
+    data = ctx.params.data
+    raw = load_source(data.source, data.raw_dir, data.verify_checksums)  # md5 of the raw files checked
+    log.info("read %s from %s: %d train, %d test images of shape %s", data.source, raw.origin,
+             len(raw.train_labels), len(raw.test_labels), tuple(raw.train_images.shape[1:]))
+    # Sizes that do not fit the raw data exit 2 here, before the MLflow run is opened.
+    stage.check_fit(ctx, tuple(raw.train_images.shape[1:]),
+                    {"train": len(raw.train_labels), "test": len(raw.test_labels)})
+
+    def write(out: Path) -> Meta:
+        splits = split_train_val(raw, data.val_size, ctx.params.seed, data.train_limit, data.test_limit)
+        return write_prepared(splits, raw, data.source, out)
+
+    return write
+
+
+def read_folders(ctx: stage.StageContext) -> Callable[[Path], Meta]:
+    """List ImageNet's folders (the images are read by the later stages); return the writer of the indexes."""
+    data = ctx.params.data
+    listing = scan_imagenet(Path(data.raw_dir) / "imagenet")
+    log.info("listed imagenet in %s: %d classes, %d train, %d val images", listing.root, len(listing.classes),
+             len(listing.train[0]), len(listing.test[0]))
+    stage.check_fit(ctx, (3, data.image_size, data.image_size),
+                    {"train": len(listing.train[0]), "test": len(listing.test[0])})
+
+    def write(out: Path) -> Meta:
+        splits = carve_folder_splits(listing, data.val_size, ctx.params.seed, data.train_limit, data.test_limit)
+        return write_folder_prepared(splits, listing.classes, data.source, listing.root, data.resize,
+                                     data.image_size, listing.raw_md5, out)
+
+    return write
 
 
 def main() -> None:
     ctx = stage.start("prepare")
     data = ctx.params.data
     with stage.failures_reported("prepare"):
-        raw = load_source(data.source, data.raw_dir, data.verify_checksums)  # md5 of the raw files checked
-        log.info("read %s from %s: %d train, %d test images of shape %s", data.source, raw.origin,
-                 len(raw.train_labels), len(raw.test_labels), tuple(raw.train_images.shape[1:]))
-        # Sizes that do not fit the raw data exit 2 here, before the MLflow run is opened.
-        stage.check_fit(ctx, tuple(raw.train_images.shape[1:]),
-                        {"train": len(raw.train_labels), "test": len(raw.test_labels)})
+        write = (read_folders if data.source == "imagenet" else read_tensors)(ctx)
     with stage.failures_reported("prepare"), tracking.stage_run("prepare", ctx.params) as run:
-        splits = split_train_val(raw, data.val_size, ctx.params.seed, data.train_limit, data.test_limit)
         # Write beside the real folder, then swap it in: a failure never leaves a half-written dataset.
         tmp = Path(f"{stage.DATA_DIR}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        meta = write_prepared(splits, raw, data.source, tmp)
+        meta = write(tmp)
         shutil.rmtree(stage.DATA_DIR, ignore_errors=True)
         tmp.rename(stage.DATA_DIR)
         fsync_dir(stage.DATA_DIR.parent)  # the files were flushed before the rename; now the rename itself
@@ -36,6 +76,7 @@ def main() -> None:
         run.log_metrics({"data": {"classes": meta.num_classes, **{f"{k}_images": n for k, n in meta.sizes.items()}}})
         run.log_artifacts([stage.DATA_DIR / "meta.json"])
         log.info("wrote %s (%s)", stage.DATA_DIR, ", ".join(f"{k} {v}" for k, v in meta.sizes.items()))
+
 
 if __name__ == "__main__":
     main()

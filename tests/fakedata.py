@@ -149,3 +149,42 @@ class FakeCifar:
         monkeypatch.setattr(cls, "test_list", self.test_list)
         monkeypatch.setattr(cls, "meta", self.meta)
         monkeypatch.setattr(cls, "url", f"http://127.0.0.1:9/{self.filename}")
+
+
+def fake_wnids(classes: int) -> list[str]:
+    """WordNet-style class folder names, sorted as ImageNet's are (n + 8 digits)."""
+    return [f"n{1440764 + 1000 * c:08d}" for c in range(classes)]
+
+
+def fake_photo(label: int, height: int, width: int, rng: np.random.Generator, channels: int = 3) -> np.ndarray:
+    """uint8 (C, H, W): a colour of the class, a gradient across the image and noise, so every crop differs."""
+    base = np.array([40 + 50 * (label % 4), 200 - 40 * (label % 5), 60 + 30 * (label % 6)], dtype=np.float64)
+    ramp = np.linspace(-40, 40, width)[None, None, :] + np.linspace(-20, 20, height)[None, :, None]
+    pixels = base[:channels, None, None] + ramp + rng.normal(0, 15, (channels, height, width))
+    return np.clip(pixels, 0, 255).astype(np.uint8)
+
+
+def write_imagefolder(root: Path, classes: int = 4, train_per_class: int = 12, val_per_class: int = 4,
+                      seed: int = 0) -> dict[str, dict[str, int]]:
+    """A tiny ILSVRC2012-style tree: ``root/train/<wnid>/*.JPEG`` and ``root/val/<wnid>/*.JPEG`` of sizes 40 to
+    90 px, encoded with torchvision's ``encode_jpeg``. Like the real one, it holds a greyscale JPEG (train, first
+    class) and a PNG named .JPEG (val, last class). Returns ``{"train": {relative path: label}, "val": ...}``."""
+    import torch
+    from torchvision.io import encode_jpeg, encode_png
+
+    rng = np.random.default_rng(seed)
+    wnids = fake_wnids(classes)
+    written: dict[str, dict[str, int]] = {"train": {}, "val": {}}
+    for folder, per_class in (("train", train_per_class), ("val", val_per_class)):
+        for label, wnid in enumerate(wnids):
+            (root / folder / wnid).mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                h, w = (int(v) for v in rng.integers(40, 91, 2))
+                grey = folder == "train" and label == 0 and i == 0
+                image = torch.from_numpy(fake_photo(label, h, w, rng, 1 if grey else 3))
+                png = folder == "val" and label == classes - 1 and i == 0
+                blob = encode_png(image) if png else encode_jpeg(image, quality=90)
+                rel = f"{folder}/{wnid}/{wnid}_{i}.JPEG"
+                (root / rel).write_bytes(blob.numpy().tobytes())
+                written[folder][rel] = label
+    return written

@@ -1,7 +1,8 @@
 """Batches sliced from an in-memory split, augmented a whole batch at a time (as in cifar10-airbench).
 
 A batch is an index slice of the uint8 tensor, cropped and flipped with tensor ops, then converted to
-normalised floats on the device. Nothing here loops over images in Python.
+normalised floats on the device. Nothing here loops over images in Python. A folder split (ImageNet) is
+streamed instead by :func:`blockdrop.data.folder.folder_batches`, behind the same call.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from collections.abc import Iterator
 
 import torch
 
+from blockdrop.data.folder import FolderSplit, folder_batches
 from blockdrop.data.prepared import Split
 
 __all__ = ["Normalize", "batches", "random_crop", "random_flip"]
@@ -53,7 +55,7 @@ class Normalize:
 
 
 def batches(
-    split: Split,
+    split: Split | FolderSplit,
     batch_size: int,
     normalize: Normalize,
     *,
@@ -68,7 +70,15 @@ def batches(
     """Yield ``(x, y)`` batches of at most ``limit`` images of ``split`` (already on its device).
 
     ``generator`` (a CPU generator) drives the shuffle and the augmentation, so a run is reproducible.
+    A folder split crops its images itself (random for train, centred otherwise): padding and crop size are
+    for the in-memory splits (params.yaml refuses them for ImageNet).
     """
+    if isinstance(split, FolderSplit):
+        if crop_padding or crop_size:
+            raise ValueError("crop_padding / crop_size apply to in-memory splits; a folder split crops to image_size")
+        yield from folder_batches(split, batch_size, normalize, generator=generator, shuffle=shuffle, flip=flip,
+                                  limit=limit, drop_last=drop_last)
+        return
     n = len(split)
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
     if limit is not None:

@@ -1,7 +1,9 @@
-"""The prepared dataset on disk: one uint8 tensor file per split plus ``meta.json``.
+"""The prepared dataset on disk: one file per split plus ``meta.json``.
 
-``prepare`` writes it once; every later stage loads whole splits into memory (Fashion-MNIST's 60k
-images are 47 MB as uint8) and slices batches out of them, so no stage runs per-image Python code. Every load checks
+``prepare`` writes it once. For the in-memory kind (Fashion-MNIST, CIFAR) each file is a uint8 tensor; every
+later stage loads whole splits into memory (Fashion-MNIST's 60k images are 47 MB as uint8) and slices batches out
+of them, so no stage runs per-image Python code. For the folder kind (ImageNet) each file is an index of image
+paths and labels, and :class:`~blockdrop.data.folder.FolderSplit` reads the images per batch. Every load checks
 the file against the sha256 ``meta.json`` records (one pass of hashlib over the bytes already read), so a
 corrupted or swapped file is refused by name instead of being trained on.
 """
@@ -16,12 +18,13 @@ from pathlib import Path
 
 import torch
 
+from blockdrop.data.folder import IMAGENET_MEAN, IMAGENET_STD, FolderSplit, decode_index, encode_index
 from blockdrop.data.sources import DataSourceError, RawData
 from blockdrop.files import atomic_write_bytes, fsync_dir, write_json
 
 __all__ = [
-    "SPLITS", "DataIntegrityError", "Meta", "Split", "check_labels", "load_meta", "load_split", "split_train_val",
-    "write_prepared",
+    "SPLITS", "DataIntegrityError", "Meta", "Split", "carve_val", "check_labels", "load_meta", "load_split",
+    "split_train_val", "write_folder_prepared", "write_prepared",
 ]
 
 SPLITS = ("train", "val", "test")
@@ -57,6 +60,13 @@ class Meta:
     sizes: dict[str, int]
     sha256: dict[str, str]  # file name -> digest
     raw_md5: dict[str, str] = field(default_factory=dict)  # raw file -> md5 (absent from older meta.json files)
+    # "tensor": <split>.pt holds the images; "folder": an index of image files under `root` (a path as given in
+    # params, relative to the repository root), resized to `resize` and cropped to `image_size` when read.
+    # Older meta.json files have none of these fields: the tensor kind.
+    kind: str = "tensor"
+    root: str = ""
+    resize: int = 0
+    image_size: int = 0
 
     @property
     def num_classes(self) -> int:
@@ -69,17 +79,21 @@ class Meta:
         return hashlib.sha256(joined.encode()).hexdigest()
 
 
-def split_train_val(raw: RawData, val_size: int, seed: int, train_limit: int = 0, test_limit: int = 0
-                    ) -> dict[str, Split]:
-    """Carve ``val_size`` images out of train with a permutation fixed by ``seed``; optionally keep only
-    ``train_limit`` of the rest and the first ``test_limit`` test images (0 keeps all)."""
-    n = len(raw.train_labels)
+def carve_val(n: int, val_size: int, seed: int, train_limit: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, val) indices into a training set of ``n`` images: ``val_size`` of them carved out with a
+    permutation fixed by ``seed``, and at most ``train_limit`` of the rest kept (0 keeps all), in that order."""
     if val_size >= n:
         raise ValueError(f"data.val_size={val_size} leaves no training images (train has {n})")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     train_idx, val_idx = perm[: n - val_size], perm[n - val_size :]
-    if train_limit:
-        train_idx = train_idx[:train_limit]
+    return (train_idx[:train_limit] if train_limit else train_idx), val_idx
+
+
+def split_train_val(raw: RawData, val_size: int, seed: int, train_limit: int = 0, test_limit: int = 0
+                    ) -> dict[str, Split]:
+    """Carve ``val_size`` images out of train with a permutation fixed by ``seed``; optionally keep only
+    ``train_limit`` of the rest and the first ``test_limit`` test images (0 keeps all)."""
+    train_idx, val_idx = carve_val(len(raw.train_labels), val_size, seed, train_limit)
     train_idx, val_idx = train_idx.sort().values, val_idx.sort().values
     test = slice(0, test_limit or None)
     return {
@@ -127,6 +141,24 @@ def write_prepared(splits: dict[str, Split], raw: RawData, source: str, out_dir:
     return meta
 
 
+def write_folder_prepared(splits: dict[str, tuple[list[str], torch.Tensor]], classes: list[str], source: str,
+                          root: str, resize: int, image_size: int, raw_md5: dict[str, str], out_dir: Path) -> Meta:
+    """Write an index file ``<split>.pt`` (relative paths, int64 labels) per split and ``meta.json`` of the
+    folder kind; the mean and std are the ImageNet constants the authors normalise with."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    digests = {}
+    for name, (paths, labels) in splits.items():
+        blob = encode_index(paths, labels)
+        atomic_write_bytes(out_dir / f"{name}.pt", blob)
+        digests[f"{name}.pt"] = hashlib.sha256(blob).hexdigest()
+    meta = Meta(source=source, classes=list(classes), shape=[3, image_size, image_size], mean=list(IMAGENET_MEAN),
+                std=list(IMAGENET_STD), sizes={k: len(v[1]) for k, v in splits.items()}, sha256=digests,
+                raw_md5=dict(raw_md5), kind="folder", root=str(root), resize=resize, image_size=image_size)
+    write_json(out_dir / "meta.json", meta.__dict__)
+    fsync_dir(out_dir)  # the caller renames this folder into place next
+    return meta
+
+
 def load_meta(data_dir: str | Path) -> Meta:
     """The prepared dataset's ``meta.json``; a missing or unreadable one is named in the error."""
     path = Path(data_dir) / "meta.json"
@@ -138,13 +170,18 @@ def load_meta(data_dir: str | Path) -> Meta:
         raise DataIntegrityError(f"{path} is unreadable or corrupted ({type(e).__name__}); run prepare again") from None
 
 
-def load_split(data_dir: str | Path, name: str, meta: Meta | None = None) -> Split:
-    """Load ``<name>.pt`` after checking its sha256 against ``meta`` (read from ``data_dir`` when not given)."""
+def load_split(data_dir: str | Path, name: str, meta: Meta | None = None, *, workers: int = 0) -> Split | FolderSplit:
+    """Load ``<name>.pt`` after checking its sha256 against ``meta`` (read from ``data_dir`` when not given).
+
+    A folder dataset gives a :class:`FolderSplit` reading its images with ``workers`` DataLoader processes;
+    the train split takes random crops, val and test centred ones (the authors' transform_train / _test).
+    """
     data_dir = Path(data_dir)
     path = data_dir / f"{name}.pt"
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: run the prepare stage (dvc repro prepare)")
-    expected = (meta or load_meta(data_dir)).sha256.get(path.name)
+    meta = meta or load_meta(data_dir)
+    expected = meta.sha256.get(path.name)
     data = path.read_bytes()
     found = hashlib.sha256(data).hexdigest()  # one pass over bytes read anyway: ~0.1 s for the 47 MB train split
     if found != expected:
@@ -152,7 +189,14 @@ def load_split(data_dir: str | Path, name: str, meta: Meta | None = None) -> Spl
             f"{path} is corrupted or not the file meta.json describes (sha256 {found[:16]}, expected "
             f"{(expected or 'none recorded')[:16]}); run prepare again (dvc repro -f prepare)"
         )
+    if meta.kind == "folder" and not Path(meta.root).is_dir():
+        raise FileNotFoundError(f"{meta.root} is missing (relative paths: to the repository root, where the stages "
+                                f"run): the image folder {data_dir / 'meta.json'} was prepared from")
     try:
+        if meta.kind == "folder":
+            paths, labels = decode_index(data)
+            return FolderSplit(meta.root, paths, labels, meta.resize, meta.image_size, random_crop=name == "train",
+                               workers=workers)
         blob = torch.load(io.BytesIO(data), weights_only=True)
         return Split(blob["images"], blob["labels"])
     except Exception as e:  # the recorded digest, yet unreadable: written by an incompatible torch, say

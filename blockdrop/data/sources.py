@@ -156,4 +156,6 @@ def load_source(source: str, raw_dir: str | Path, verify_checksums: bool = True)
         return _cifar(datasets.CIFAR10, raw_dir)
     if source == "cifar100":
         return _cifar(datasets.CIFAR100, raw_dir)
+    if source == "imagenet":
+        raise DataSourceError("imagenet is not read into memory: list its folders with blockdrop.data.scan_imagenet")
     raise DataSourceError(f"unknown data source {source!r}")
