@@ -6,13 +6,15 @@ import contextlib
 import os
 import random
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from blockdrop.config import ParamsError
 
-__all__ = ["autocast", "bf16_is_fast", "resolve_precision", "seed_everything", "select_device"]
+__all__ = ["CompiledNet", "autocast", "bf16_is_fast", "compiled", "resolve_precision", "seed_everything",
+           "select_device"]
 
 
 def select_device(choice: str = "auto", threads: int = 0) -> torch.device:
@@ -55,3 +57,41 @@ def autocast(precision: str, device: torch.device) -> contextlib.AbstractContext
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+class CompiledNet:
+    """``torch.compile``'d callables of a network, for the training steps; the weights are the network's own.
+
+    ``net(x)`` (the full forward) and ``net.forward_masked(x, policy)`` (the dense masked formula) run
+    compiled graphs. ``net(x, policy)``, the sparse forward, stays eager: which images keep a block is
+    data, so its sub-batch shapes change every step and would break the graph or recompile it each time.
+    Everything else (``num_blocks``, ``forward_skipping``, ``train()``, ``parameters()``...) is the
+    network's own attribute, so this object can stand in for the network wherever a loop calls it, while
+    the loop keeps saving, evaluating and switching modes on the original module.
+    """
+
+    def __init__(self, module: torch.nn.Module, backend: str = "inductor") -> None:
+        self.module = module
+        # torch.compile(module) wraps the module (no copy): parameters, buffers and the train/eval flag are
+        # shared, and a change of mode is a guard that picks (or compiles) the other graph.
+        self._forward = torch.compile(module, backend=backend)
+        masked = getattr(module, "forward_masked", None)
+        self._masked = torch.compile(masked, backend=backend) if masked is not None else None
+
+    def __call__(self, x: torch.Tensor, policy: torch.Tensor | None = None) -> torch.Tensor:
+        return self._forward(x) if policy is None else self.module(x, policy)
+
+    def forward_masked(self, x: torch.Tensor, policy: torch.Tensor) -> torch.Tensor:
+        if self._masked is None:
+            raise AttributeError(f"{type(self.module).__name__} has no forward_masked")
+        return self._masked(x, policy)
+
+    def __getattr__(self, name: str) -> Any:  # only reached for names not defined above
+        if name == "module":  # not yet set (copy, unpickling): no recursion through __getattr__
+            raise AttributeError(name)
+        return getattr(self.module, name)
+
+
+def compiled(module: torch.nn.Module, enabled: bool, backend: str = "inductor") -> Any:
+    """``module`` itself, or a :class:`CompiledNet` of it when ``enabled`` (params ``compile``)."""
+    return CompiledNet(module, backend) if enabled else module

@@ -3,6 +3,10 @@
 In curriculum epoch e the policy decides only the last min(K, e + 1) blocks; the others are forced on
 and left out of the loss. Starting with the blocks whose removal hurts least (the last ones) lets the
 policy learn to drop blocks before it can wreck the early features every later block depends on.
+
+With ``unlock_every`` > 0 a block is unlocked every that many training steps instead of every epoch: the
+fast GPU profiles show the policy many images per epoch, and one block per epoch would then spend most of
+the stage's time before the policy may touch the first blocks.
 """
 
 from __future__ import annotations
@@ -18,20 +22,30 @@ from tqdm import tqdm
 from blockdrop import rl
 from blockdrop.config import Curriculum
 from blockdrop.data import Normalize, Split, batches
-from blockdrop.models import CifarResNet
+from blockdrop.models import BlockResNet, PolicyNet
 from blockdrop.predict import policy_summary, run_policy
+from blockdrop.runtime import compiled
 from blockdrop.train.guard import check_step, check_weights
 from blockdrop.train.resume import resume_state, save_state
 from blockdrop.train.rollout import rollout
 
-__all__ = ["train_curriculum"]
+__all__ = ["learnable_blocks", "train_curriculum"]
 
 log = logging.getLogger(__name__)
 
 
+def learnable_blocks(epoch: int, step: int, steps_per_epoch: int, num_blocks: int, unlock_every: int) -> torch.Tensor:
+    """The blocks the policy decides on at 0-based ``step`` of ``epoch``: one more per epoch (``unlock_every``
+    0, the authors' schedule) or per ``unlock_every`` training steps. The global step is derived from the
+    epoch, so a resumed run unlocks exactly as an unbroken one."""
+    if unlock_every == 0:
+        return rl.curriculum_mask(epoch, num_blocks)
+    return rl.curriculum_mask((epoch * steps_per_epoch + step) // unlock_every, num_blocks)
+
+
 def train_curriculum(
-    backbone: CifarResNet,
-    policy_net: CifarResNet,
+    backbone: BlockResNet,
+    policy_net: PolicyNet,
     train: Split,
     val: Split,
     normalize: Normalize,
@@ -42,8 +56,13 @@ def train_curriculum(
     run_key: str,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     on_resume: Callable[[int], None] | None = None,
+    compile_model: bool = False,
 ) -> list[dict[str, float]]:
-    """Train ``policy_net`` in place; return one history row per epoch."""
+    """Train ``policy_net`` in place; return one history row per epoch.
+
+    ``compile_model``: the training forwards run through ``torch.compile`` (:func:`blockdrop.runtime.compiled`);
+    the networks passed in keep the weights.
+    """
     backbone.eval().requires_grad_(False)  # frozen: BN uses its running statistics, no weight changes
     optimizer = torch.optim.Adam(policy_net.parameters(), lr=cfg.lr)
     parts = {"policy": policy_net, "optimizer": optimizer}
@@ -53,9 +72,10 @@ def train_curriculum(
     num_blocks = backbone.num_blocks
     steps = math.ceil(min(cfg.images_per_epoch, len(train)) / cfg.batch_size)
     scored = val.head(cfg.val_images)  # a per-epoch curve only: it draws no random numbers, changes no weights
+    backbone_fwd, policy_fwd = compiled(backbone, compile_model), compiled(policy_net, compile_model)
 
     for epoch in range(start, cfg.epochs):
-        learnable = rl.curriculum_mask(epoch, num_blocks)
+        learnable = learnable_blocks(epoch, 0, steps, num_blocks, cfg.unlock_every)
         policy_net.train()
         totals = {"reward": 0.0, "accuracy": 0.0, "blocks": 0.0, "advantage": 0.0}
         seen = 0
@@ -63,8 +83,11 @@ def train_curriculum(
                          crop_padding=cfg.crop_padding, flip=cfg.flip, limit=cfg.images_per_epoch)
         for step, (x, y) in enumerate(tqdm(stream, total=steps, desc=f"curriculum {epoch + 1}/{cfg.epochs}",
                                            leave=False, mininterval=5), 1):
-            r = rollout(backbone, policy_net, x, y, alpha=cfg.alpha, penalty=cfg.penalty,
-                        learnable=learnable, generator=generator, precision=precision)
+            learnable = learnable_blocks(epoch, step - 1, steps, num_blocks, cfg.unlock_every)
+            # Compiled, the frozen backbone runs the dense masked form: in eval mode it gives the sparse form's
+            # logits, and its shapes do not change with the actions, so one graph serves every step.
+            r = rollout(backbone_fwd, policy_fwd, x, y, alpha=cfg.alpha, penalty=cfg.penalty,
+                        learnable=learnable, generator=generator, precision=precision, masked=compile_model)
             loss = rl.policy_gradient_loss(r.bounded, r.actions, r.advantage, learnable, beta=cfg.beta)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -77,7 +100,8 @@ def train_curriculum(
             totals["blocks"] += r.actions.sum().item()
             totals["advantage"] += r.advantage.sum().item()
         check_weights({"policy": policy_net}, epoch + 1)
-        # Validate the greedy policy under the same curriculum: the forced-on blocks stay on.
+        # Validate the greedy policy under the same curriculum (as unlocked at the epoch's end): the forced-on
+        # blocks stay on.
         logits, actions = run_policy(backbone, policy_net, scored, normalize, precision=precision,
                                      learnable=learnable)
         summary = policy_summary(logits, actions, scored.labels, cfg.penalty)

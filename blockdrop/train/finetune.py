@@ -10,6 +10,7 @@ paths evaluation runs. The greedy forward is computed anyway for the self-critic
 costs only its backward; in a short finetuning it is worth about half a point of test accuracy.
 ``backbone_lr`` (ours too; 0 is the paper's single rate) lets the backbone, which must re-learn under
 half its blocks, take larger steps than the policy, which the curriculum has already trained.
+``lr_decay_epoch`` / ``lr_decay`` are the authors' step decay (both rates x0.1 from epoch 1600 of 2000).
 """
 
 from __future__ import annotations
@@ -26,20 +27,27 @@ from tqdm import tqdm
 from blockdrop import rl
 from blockdrop.config import Finetune
 from blockdrop.data import Normalize, Split, batches
-from blockdrop.models import CifarResNet
+from blockdrop.models import BlockResNet, PolicyNet
 from blockdrop.predict import policy_summary, run_policy
+from blockdrop.runtime import compiled
 from blockdrop.train.guard import check_step, check_weights
 from blockdrop.train.resume import resume_state, save_state
 from blockdrop.train.rollout import rollout
 
-__all__ = ["finetune_jointly"]
+__all__ = ["finetune_jointly", "lr_factor"]
 
 log = logging.getLogger(__name__)
 
 
+def lr_factor(epoch: int, cfg: Finetune) -> float:
+    """The multiplier of both learning rates in 0-based ``epoch``: ``lr_decay`` from ``lr_decay_epoch`` on
+    (0: never). A function of the epoch alone, so a resumed run sets the same rates as an unbroken one."""
+    return cfg.lr_decay if cfg.lr_decay_epoch and epoch >= cfg.lr_decay_epoch else 1.0
+
+
 def finetune_jointly(
-    backbone: CifarResNet,
-    policy_net: CifarResNet,
+    backbone: BlockResNet,
+    policy_net: PolicyNet,
     train: Split,
     val: Split,
     normalize: Normalize,
@@ -50,19 +58,29 @@ def finetune_jointly(
     run_key: str,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     on_resume: Callable[[int], None] | None = None,
+    compile_model: bool = False,
 ) -> list[dict[str, float]]:
-    """Train ``backbone`` and ``policy_net`` in place; return one history row per epoch."""
+    """Train ``backbone`` and ``policy_net`` in place; return one history row per epoch.
+
+    ``compile_model``: the training forwards run through ``torch.compile`` (:func:`blockdrop.runtime.compiled`;
+    it pays with ``execution: masked``, whose shapes do not depend on the actions); the networks passed in
+    keep the weights.
+    """
     backbone.requires_grad_(True)
+    base_lrs = (cfg.lr, cfg.backbone_lr or cfg.lr)  # policy, backbone: the rates before any decay
     optimizer = torch.optim.Adam([{"params": policy_net.parameters()},
-                                  {"params": backbone.parameters(), "lr": cfg.backbone_lr or cfg.lr}], lr=cfg.lr)
+                                  {"params": backbone.parameters(), "lr": base_lrs[1]}], lr=base_lrs[0])
     parts = {"policy": policy_net, "backbone": backbone, "optimizer": optimizer}
     start, history = resume_state(checkpoint, run_key, parts, generator)
     if start and on_resume is not None:
         on_resume(start)  # e.g. tag the stage's run: it continues a killed one
     all_blocks = torch.ones(backbone.num_blocks, dtype=torch.bool)
     steps = math.ceil(min(cfg.images_per_epoch, len(train)) / cfg.batch_size)
+    backbone_fwd, policy_fwd = compiled(backbone, compile_model), compiled(policy_net, compile_model)
 
     for epoch in range(start, cfg.epochs):
+        for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
+            group["lr"] = base * lr_factor(epoch, cfg)  # set, never multiplied: resume-safe
         backbone.train(), policy_net.train()
         totals = {"loss": 0.0, "ce": 0.0, "reward": 0.0, "accuracy": 0.0, "blocks": 0.0}
         seen = 0
@@ -70,7 +88,7 @@ def finetune_jointly(
                          crop_padding=cfg.crop_padding, flip=cfg.flip, limit=cfg.images_per_epoch)
         for step, (x, y) in enumerate(tqdm(stream, total=steps, desc=f"finetune {epoch + 1}/{cfg.epochs}",
                                            leave=False, mininterval=5), 1):
-            r = rollout(backbone, policy_net, x, y, alpha=cfg.alpha, penalty=cfg.penalty,
+            r = rollout(backbone_fwd, policy_fwd, x, y, alpha=cfg.alpha, penalty=cfg.penalty,
                         learnable=all_blocks, generator=generator, precision=precision, backbone_grad=True,
                         greedy_grad=cfg.greedy_ce > 0, masked=cfg.execution == "masked")
             pg = rl.policy_gradient_loss(r.bounded, r.actions, r.advantage, reduction=cfg.pg_reduction)
@@ -95,7 +113,7 @@ def finetune_jointly(
         row = {
             "epoch": epoch + 1, **{f"train/{k}": v / seen for k, v in totals.items()},
             "val/accuracy": summary["accuracy"], "val/blocks_mean": summary["blocks_mean"],
-            "val/reward": summary["reward"],
+            "val/reward": summary["reward"], "lr": optimizer.param_groups[0]["lr"],
         }
         history.append(row)
         log.info("finetune epoch %d/%d  loss %.3f  train reward %.3f acc %.3f blocks %.2f  val acc %.4f "

@@ -1,4 +1,5 @@
-"""Backbone pretraining: SGD + Nesterov, warm-up then cosine, label smoothing, optional stochastic depth.
+"""Backbone pretraining: SGD + Nesterov, a warm-up then cosine (or He et al.'s steps), label smoothing,
+optional stochastic depth.
 
 The loop follows cifar10-airbench: the split sits in memory as uint8, each batch is an index slice that
 is cropped and flipped as a tensor. A checkpoint is written after every epoch; a rerun with the same
@@ -20,13 +21,14 @@ from tqdm import tqdm
 
 from blockdrop.config import Pretrain
 from blockdrop.data import Normalize, Split, batches
-from blockdrop.models import CifarResNet
+from blockdrop.models import BlockResNet
 from blockdrop.predict import accuracy, predict
-from blockdrop.runtime import autocast
+from blockdrop.runtime import autocast, compiled
 from blockdrop.train.guard import check_step, check_weights
 from blockdrop.train.resume import resume_state, save_state
 
-__all__ = ["PretrainResult", "drop_path_policy", "pretrain_backbone", "stochastic_depth_forward", "warmup_cosine"]
+__all__ = ["PretrainResult", "drop_path_policy", "lr_multiplier", "pretrain_backbone", "stochastic_depth_forward",
+           "warmup_cosine", "warmup_step"]
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +50,7 @@ def drop_path_policy(batch: int, num_blocks: int, p_last: float, generator: torc
 
 
 def stochastic_depth_forward(
-    model: CifarResNet, x: torch.Tensor, p_last: float, unit: str, generator: torch.Generator
+    model: BlockResNet, x: torch.Tensor, p_last: float, unit: str, generator: torch.Generator
 ) -> torch.Tensor:
     """Training logits under stochastic depth with last-block drop probability ``p_last``.
 
@@ -71,8 +73,21 @@ def warmup_cosine(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
+def warmup_step(step: int, total: int, warmup: int) -> float:
+    """LR multiplier of He et al.'s CIFAR schedule: the same linear warm-up, then 1, 0.1 from 50% and 0.01
+    from 75% of ``total`` steps (their 164 epochs: x0.1 at 32k and 48k of 64k iterations)."""
+    if step < warmup:
+        return 0.1 + 0.9 * step / warmup
+    return 0.01 if step >= 0.75 * total else 0.1 if step >= 0.5 * total else 1.0
+
+
+def lr_multiplier(schedule: str) -> Callable[[int, int, int], float]:
+    """The multiplier function of ``pretrain.lr_schedule`` (``cosine`` or ``step``)."""
+    return {"cosine": warmup_cosine, "step": warmup_step}[schedule]
+
+
 def pretrain_backbone(
-    model: CifarResNet,
+    model: BlockResNet,
     train: Split,
     val: Split,
     normalize: Normalize,
@@ -83,8 +98,13 @@ def pretrain_backbone(
     run_key: str,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     on_resume: Callable[[int], None] | None = None,
+    compile_model: bool = False,
 ) -> PretrainResult:
-    """Train ``model`` in place for ``cfg.epochs``; resume from ``checkpoint`` if it belongs to ``run_key``."""
+    """Train ``model`` in place for ``cfg.epochs``; resume from ``checkpoint`` if it belongs to ``run_key``.
+
+    ``compile_model``: the training forward runs through ``torch.compile`` (:func:`blockdrop.runtime.compiled`);
+    ``model`` keeps the weights, and validation runs it eagerly.
+    """
     device = train.images.device
     decay, no_decay = [], []
     for p in model.parameters():
@@ -95,7 +115,11 @@ def pretrain_backbone(
     )
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     total, warmup = cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total, warmup))
+    # The multiplier is a function of the step alone, and the scheduler's step count is saved with the state,
+    # so a resumed run continues the same curve.
+    multiplier = lr_multiplier(cfg.lr_schedule)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: multiplier(s, total, warmup))
+    net = compiled(model, compile_model)
 
     result = PretrainResult()
     parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
@@ -112,7 +136,7 @@ def pretrain_backbone(
         for step, (x, y) in enumerate(tqdm(stream, total=steps_per_epoch, desc=f"pretrain {epoch + 1}/{cfg.epochs}",
                                            leave=False, mininterval=5), 1):
             with autocast(precision, device):
-                logits = stochastic_depth_forward(model, x, cfg.drop_path, cfg.drop_path_unit, generator)
+                logits = stochastic_depth_forward(net, x, cfg.drop_path, cfg.drop_path_unit, generator)
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

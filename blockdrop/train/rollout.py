@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from blockdrop import rl
-from blockdrop.models import CifarResNet
+from blockdrop.models import BlockResNet, PolicyNet
 from blockdrop.runtime import autocast
 
 __all__ = ["Rollout", "rollout"]
@@ -35,8 +35,8 @@ class Rollout:
 
 
 def rollout(
-    backbone: CifarResNet,
-    policy_net: CifarResNet,
+    backbone: BlockResNet,
+    policy_net: PolicyNet,
     x: torch.Tensor,
     y: torch.Tensor,
     *,
@@ -52,19 +52,21 @@ def rollout(
     """Sample actions from the policy on ``x`` and score both them and the greedy actions on ``y``.
 
     ``backbone_grad`` / ``greedy_grad``: keep the graph of the backbone's logits under the sampled / the
-    greedy actions, for a loss on them. ``masked``: run the sampled actions through the paper's dense
-    masked formula instead of the sparse forward (they differ only in train mode, in what the kept
-    blocks' BatchNorm sees).
+    greedy actions, for a loss on them. ``masked``: run both through the paper's dense masked formula
+    instead of the sparse forward (they differ only in train mode, in what the kept blocks' BatchNorm
+    sees). Both policies are always scored by the same forward, as in the authors' code: the advantage
+    must measure the policies' difference, not a difference between two ways of running the backbone.
     """
     with autocast(precision, x.device):
         probs = torch.sigmoid(policy_net(x).float())
     bounded = rl.bound_probs(probs, alpha)
     actions = rl.force_on(rl.sample_actions(bounded.detach(), generator), learnable)
     greedy = rl.force_on(rl.greedy_actions(probs.detach()), learnable)
+    run = backbone.forward_masked if masked else backbone
     with torch.set_grad_enabled(backbone_grad), autocast(precision, x.device):
-        logits = (backbone.forward_masked if masked else backbone)(x, actions).float()
+        logits = run(x, actions).float()
     with torch.set_grad_enabled(greedy_grad), autocast(precision, x.device):
-        greedy_logits = backbone(x, greedy).float()
+        greedy_logits = run(x, greedy).float()
     greedy_correct = greedy_logits.detach().argmax(1) == y
     return Rollout(
         bounded=bounded, actions=actions, greedy=greedy, logits=logits, greedy_logits=greedy_logits,
