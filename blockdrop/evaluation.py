@@ -14,7 +14,7 @@ import torch
 
 from blockdrop.data import Normalize, Split
 from blockdrop.flops import FlopTable
-from blockdrop.models import CifarResNet
+from blockdrop.models import BlockResNet, PolicyNet
 from blockdrop.predict import predict, run_policy
 
 __all__ = ["evaluate_variants", "firstk_actions", "per_class_table", "randomk_actions", "variant_metrics"]
@@ -45,9 +45,9 @@ def randomk_actions(n: int, num_blocks: int, k: int, generator: torch.Generator)
 
 
 def evaluate_variants(
-    pretrained: CifarResNet,
-    backbone: CifarResNet,
-    policy_net: CifarResNet,
+    pretrained: BlockResNet,
+    backbone: BlockResNet,
+    policy_net: PolicyNet,
     test: Split,
     normalize: Normalize,
     flops: FlopTable,

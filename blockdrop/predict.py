@@ -8,7 +8,7 @@ import torch
 
 from blockdrop import rl
 from blockdrop.data import Normalize, Split, batches
-from blockdrop.models import CifarResNet
+from blockdrop.models import BlockResNet, PolicyNet
 from blockdrop.runtime import autocast
 
 __all__ = ["accuracy", "policy_summary", "predict", "run_policy"]
@@ -16,7 +16,7 @@ __all__ = ["accuracy", "policy_summary", "predict", "run_policy"]
 
 @torch.no_grad()
 def predict(
-    model: CifarResNet,
+    model: BlockResNet,
     split: Split,
     normalize: Normalize,
     batch_size: int = 500,
@@ -42,8 +42,8 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 @torch.no_grad()
 def run_policy(
-    backbone: CifarResNet,
-    policy_net: CifarResNet,
+    backbone: BlockResNet,
+    policy_net: PolicyNet,
     split: Split,
     normalize: Normalize,
     batch_size: int = 500,
