@@ -150,6 +150,11 @@ def _reading_curves(inp: ReportInputs) -> str:
         if test is not None:
             s += f"; the backbone's test accuracy is {pct(test)}"
         parts.append(s + ".")
+    elif ((inp.stage_metrics.get("pretrain") or {}).get("train") or {}).get("epochs") == 0:
+        test = inp.stage_metrics["pretrain"].get("test", {}).get("accuracy")
+        score = f"; its test accuracy is {pct(test)}" if test is not None else ""
+        parts.append("The backbone was not trained here: its weights were imported as they are (pretrain.epochs 0, "
+                     f"as the authors did on ImageNet){score}.")
     h = inp.histories.get("curriculum")
     if h is not None:
         s = f"The curriculum ran {len(h)} epochs: greedy validation blocks {_first_last(h, 'val/blocks_mean')}"

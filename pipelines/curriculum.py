@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from blockdrop import stage, tracking
-from blockdrop.models import load_backbone, policy_resnet8, save_policy
+from blockdrop.models import build_policy, load_backbone, save_policy
 from blockdrop.train.curriculum import train_curriculum
 
 BACKBONE = Path("models/backbone.pt")
@@ -21,14 +21,14 @@ def main() -> None:
     with stage.failures_reported("curriculum"):
         meta, data, normalize = stage.load_data(ctx, "train", "val")
         backbone = load_backbone(BACKBONE).to(ctx.device, memory_format=torch.channels_last)
-        policy_net = policy_resnet8(backbone.num_blocks, meta.shape[0])
+        policy_net = build_policy(backbone, meta.shape[0], p.model)  # ImageNet: ResNet-10 from ResNet-18's weights
         policy_net = policy_net.to(ctx.device, memory_format=torch.channels_last)
         with tracking.stage_run("curriculum", p, data_sha256=meta.data_sha256) as run:
             history = train_curriculum(
                 backbone, policy_net, data["train"], data["val"], normalize, p.curriculum, ctx.generator,
                 ctx.precision, checkpoint=ctx.state_path, run_key=ctx.run_key,
                 on_epoch=lambda row: run.log_epoch(row, step=int(row["epoch"])),
-                on_resume=run.mark_resumed,
+                on_resume=run.mark_resumed, compile_model=p.compile,
             )
             last = history[-1]
             metrics = {

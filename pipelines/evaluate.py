@@ -59,7 +59,7 @@ def main() -> None:
             if ctx.params.tracking.log_model:
                 # The registered version built from exactly this checkpoint (its dvc_md5 tag) gets the
                 # numbers measured here; none (a model finetuned with log_model off): nothing to tag.
-                name = tracking.registry_name(meta.source, 6 * backbone.blocks_per_stage[0] + 2)
+                name = tracking.registry_name(meta.source, backbone.depth)
                 version = tracking.find_version(name, "dvc_md5", tracking.dvc_md5(MODEL))
                 if version is not None:
                     tracking.set_version_tags(name, version, {

@@ -32,7 +32,7 @@ def main() -> None:
                 backbone, policy_net, data["train"], data["val"], normalize, p.finetune, ctx.generator,
                 ctx.precision, checkpoint=ctx.state_path, run_key=ctx.run_key,
                 on_epoch=lambda row: run.log_epoch(row, step=int(row["epoch"])),
-                on_resume=run.mark_resumed,
+                on_resume=run.mark_resumed, compile_model=p.compile,
             )
             last = history[-1]
             metrics = {
@@ -47,7 +47,7 @@ def main() -> None:
                 net = BlockDropNet(backbone.cpu(), policy_net.cpu()).eval()
                 cpu = Normalize(meta.mean, meta.std, torch.device("cpu"))
                 example = cpu(load_split(stage.DATA_DIR, "test").images[:1]).contiguous().numpy()
-                name = tracking.registry_name(meta.source, 6 * backbone.blocks_per_stage[0] + 2)
+                name = tracking.registry_name(meta.source, backbone.depth)
                 t0 = time.perf_counter()
                 # The weights-only checkpoint beside the pickled model: promotion loads this one, after
                 # checking its md5 against the version's dvc_md5 tag (it never unpickles the MLflow model).

@@ -1,4 +1,5 @@
-"""DVC stage ``pretrain``: train the backbone ResNet from scratch on the prepared data."""
+"""DVC stage ``pretrain``: train the backbone ResNet on the prepared data (CIFAR ResNets from scratch), or, with
+``pretrain.epochs: 0``, take torchvision's ImageNet ResNet-101 as it is, as the authors did, and score it."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ from pathlib import Path
 import torch
 
 from blockdrop import stage, tracking
-from blockdrop.models import cifar_resnet, save_backbone
+from blockdrop.config import ParamsError, refuse
+from blockdrop.models import build_backbone, save_backbone
 from blockdrop.predict import accuracy, predict
 from blockdrop.train.pretrain import pretrain_backbone
 
 MODEL = Path("models/backbone.pt")
+IMAGENET_CLASSES = 1000
 REPORTS = Path("reports/pretrain")
 log = logging.getLogger("blockdrop.pretrain")
 
@@ -22,21 +25,29 @@ def main() -> None:
     p = ctx.params
     with stage.failures_reported("pretrain"):
         meta, data, normalize = stage.load_data(ctx, "train", "val", "test")
-        model = cifar_resnet(p.model.depth, meta.num_classes, meta.shape[0])
+        if p.pretrain.epochs == 0 and meta.num_classes != IMAGENET_CLASSES:
+            # Imported weights classify ImageNet's 1000 classes; another label set needs a classifier trained.
+            raise refuse(ParamsError(f"pretrain.epochs: 0 uses {p.model.weights} as it is, a {IMAGENET_CLASSES}-class "
+                                     f"classifier, but the data has {meta.num_classes} classes: train (epochs > 0)"))
+        model = build_backbone(p.model, meta.num_classes, meta.shape[0])
         model = model.to(ctx.device, memory_format=torch.channels_last)
         with tracking.stage_run("pretrain", p, data_sha256=meta.data_sha256) as run:
             result = pretrain_backbone(
                 model, data["train"], data["val"], normalize, p.pretrain, ctx.generator, ctx.precision,
                 checkpoint=ctx.state_path, run_key=ctx.run_key,
                 on_epoch=lambda row: run.log_epoch(row, step=int(row["epoch"])),
-                on_resume=run.mark_resumed,
+                on_resume=run.mark_resumed, compile_model=p.compile,
             )
+            if not result.history:  # 0 epochs: nothing trained, the validation score is the imported model's
+                result.val_accuracy = accuracy(predict(model, data["val"], normalize, precision=ctx.precision),
+                                               data["val"].labels)
             test_acc = accuracy(predict(model, data["test"], normalize, precision=ctx.precision),
                                 data["test"].labels)
             metrics = {"test": {"accuracy": test_acc}, "val": {"accuracy": result.val_accuracy},
                        "train": {"images_per_s": result.images_per_s, "epochs": len(result.history)}}
-            log.info("backbone ResNet-%d: test accuracy %.4f, %.0f images/s", p.model.depth, test_acc,
-                     result.images_per_s)
+            log.info("backbone ResNet-%d (%s): test accuracy %.4f, %.0f images/s", p.model.depth,
+                     f"trained {len(result.history)} epochs" if result.history else f"imported {p.model.weights}",
+                     test_acc, result.images_per_s)
             save_backbone(model.cpu(), MODEL)
             stage.publish(run, REPORTS, result.history, metrics, [MODEL])
             ctx.clear_state()

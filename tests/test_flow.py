@@ -227,7 +227,8 @@ def test_one_nested_run_per_stage_with_its_params(toy_runs) -> None:
     for run in children:
         assert run.info.status == "FINISHED"
         assert run.data.params == project.expected_params(run.info.run_name, first["params"]), run.info.run_name
-    assert set(children[1].data.params) == {"pretrain.epochs", "model.depth"}  # both forms of dvc.yaml params
+    # both forms of dvc.yaml params: a key, and a section expanded to its leaves
+    assert set(children[1].data.params) == {"pretrain.epochs", "model.depth", "model.weights", "model.policy_weights"}
 
 
 def test_stage_output_reaches_the_task_log_in_prefect(flows, toy_runs) -> None:
