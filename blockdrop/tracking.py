@@ -48,9 +48,9 @@ from mlflow.exceptions import MlflowException  # noqa: E402
 
 _IMPORT_S = time.perf_counter() - _t_import
 
-from blockdrop.config import Params, params_sha256, select_params, stage_param_keys  # noqa: E402
+from blockdrop.config import Params, params_sha256, select_params  # noqa: E402
 from blockdrop.files import atomic_write_text  # noqa: E402
-from blockdrop.lineage import dvc_md5  # noqa: E402  (re-exported: tracking.dvc_md5)
+from blockdrop.lineage import dvc_md5, upstream_param_keys, upstream_stages  # noqa: E402  (dvc_md5 re-exported)
 
 __all__ = [
     "PARENT_ENV",
@@ -265,11 +265,14 @@ def _connect(params: Params) -> tuple[MlflowClient, str]:
 # --------------------------------------------------------------------------------------------- params
 
 
-def _stage_params(stage: str, params: Params) -> tuple[dict[str, Any], list[str] | None]:
+def _stage_params(stage: str, params: Params) -> tuple[dict[str, Any], list[str] | None, list[str]]:
+    """The params that decided the stage's result: its own dvc.yaml keys and those of every stage upstream of
+    it (evaluate's run carries finetune.penalty, pretrain.epochs, seed...), so one MLflow row holds a setting
+    and its numbers; also those keys, and the upstream stages' names."""
     # The dvc.yaml of the code being run (a temp copy may differ from the workspace), else the root's.
-    project = _find_up(Path.cwd(), "dvc.yaml") or repo_root()
-    keys = stage_param_keys(stage, project / "dvc.yaml")
-    return select_params(params, keys), keys
+    dvc_yaml = (_find_up(Path.cwd(), "dvc.yaml") or repo_root()) / "dvc.yaml"
+    keys = upstream_param_keys(stage, dvc_yaml)
+    return select_params(params, keys), keys, upstream_stages(stage, dvc_yaml)
 
 
 # ------------------------------------------------------------------------------------------------ run
@@ -480,9 +483,9 @@ def stage_run(stage: str, params: Params, data_sha256: str | None = None) -> Ite
     with _clock():
         client, experiment_id = _connect(params)
         previous = _take_over_lease(stage, client)
-        flat, keys = _stage_params(stage, params)
+        flat, keys, upstream = _stage_params(stage, params)
         tags = (_base_tags(stage) | _host_tags() | {"precision": _precision(params)}
-                | {"params_sha256": params_sha256(params, keys)})
+                | {"params_sha256": params_sha256(params, keys), "params_from": ",".join([*upstream, stage])})
         if data_sha256:
             tags["data_sha256"] = data_sha256
         # mlflow 3 accepts a parent that is not active in this process: it checks the run exists and sets

@@ -28,7 +28,8 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from blockdrop.config import flatten, stage_param_keys
+from blockdrop.config import flatten
+from blockdrop.lineage import upstream_param_keys
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -79,9 +80,9 @@ class Project:
 
     def expected_params(self, stage: str, params: dict | None = None) -> dict[str, str]:
         """params.yaml (now, or as ``params`` held), flattened, restricted to the keys dvc.yaml lists for
-        ``stage``, as MLflow strings."""
+        ``stage`` and every stage upstream of it, as MLflow strings."""
         flat = flatten(params or self.params())
-        keys = stage_param_keys(stage, self.root / "dvc.yaml")
+        keys = upstream_param_keys(stage, self.root / "dvc.yaml")  # a stage's run carries its upstream params
         chosen = flat if keys is None else {k: v for k, v in flat.items()
                                             if any(k == p or k.startswith(p + ".") for p in keys)}
         return {k: str(v) for k, v in chosen.items()}
@@ -227,8 +228,10 @@ def test_one_nested_run_per_stage_with_its_params(toy_runs) -> None:
     for run in children:
         assert run.info.status == "FINISHED"
         assert run.data.params == project.expected_params(run.info.run_name, first["params"]), run.info.run_name
-    # both forms of dvc.yaml params: a key, and a section expanded to its leaves
-    assert set(children[1].data.params) == {"pretrain.epochs", "model.depth", "model.weights", "model.policy_weights"}
+    # both forms of dvc.yaml params (a key, a section expanded to its leaves), then upstream a's, not downstream c's
+    b = set(children[1].data.params)
+    assert b >= {"pretrain.epochs", "model.depth", "model.weights", "model.policy_weights", "seed", "data.source"}
+    assert not any(k.startswith(("evaluate.", "finetune.")) for k in b)
 
 
 def test_stage_output_reaches_the_task_log_in_prefect(flows, toy_runs) -> None:

@@ -22,7 +22,11 @@ DVC_YAML = {
         "pretrain": {
             "cmd": "python -m pipelines.pretrain",
             "params": ["seed", "model", "pretrain.epochs", {"params.yaml": ["pretrain.lr"]}],
+            "outs": ["models/backbone.pt"],
         },
+        "finetune": {"cmd": "true", "deps": ["models/backbone.pt"], "params": ["finetune.penalty"],
+                     "outs": ["models/blockdrop.pt"]},
+        "evaluate": {"cmd": "true", "deps": ["models/blockdrop.pt"], "params": ["evaluate.batch_size"]},
         "bare": {"cmd": "true"},
     }
 }
@@ -94,6 +98,21 @@ def test_stage_run_logs_params_tags_metrics_artifacts(store: MlflowClient, monke
     assert m["tracking/share"] == pytest.approx(m["tracking/seconds"] / m["tracking/process_seconds"])
     listed = {a.path for a in store.list_artifacts(run.run_id, "reports/pretrain")}
     assert listed == {"reports/pretrain/history.csv", "reports/pretrain/metrics.json"}
+
+
+def test_a_stage_run_carries_the_params_of_every_stage_upstream(store: MlflowClient) -> None:
+    # The run holding a setting's results (evaluate) must carry what decided them, upstream keys included:
+    # one MLflow row per setting, penalty beside accuracy.
+    params = Params(finetune={"penalty": 7.5})
+    with tracking.stage_run("evaluate", params) as run:
+        pass
+    got = store.get_run(run.run_id).data
+    assert got.params["finetune.penalty"] == "7.5" and got.params["pretrain.epochs"] == "5"
+    assert got.params["evaluate.batch_size"] == "500" and got.params["seed"] == "0"
+    assert "data.source" not in got.params  # no stage upstream reads it here
+    assert set(got.tags["params_from"].split(",")) == {"pretrain", "finetune", "evaluate"}
+    keys = ["seed", "model", "pretrain.epochs", "pretrain.lr", "finetune.penalty", "evaluate.batch_size"]
+    assert got.tags["params_sha256"] == params_sha256(params, keys)
 
 
 def test_all_params_without_a_stage_entry(store: MlflowClient) -> None:
