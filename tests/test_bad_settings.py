@@ -64,6 +64,7 @@ SCHEMA_CASES = [
     ("data: {image_size: 300}", "data.image_size"),  # larger than data.resize
     ("model: {depth: 101}", "model.weights"),  # ResNet-101 needs torchvision weights
     ("model: {weights: w.pth}", "model.weights"),  # weights are for ResNet-101 only
+    ("model: {policy_pool: 9}", "model.policy_pool"),
     ("data: {source: imagenet}", "data.source"),  # ImageNet goes with depth 101
     ("{data: {source: imagenet}, model: {depth: 101, weights: w.pth}}", "curriculum.crop_padding"),
     ("pretrain: {epochs: 0, warmup_epochs: 0}", "pretrain.epochs"),  # nothing to start from

@@ -411,3 +411,35 @@ def test_skipping_predictor_matches_the_greedy_policy(resnet20: tuple[CifarResNe
         logits, actions = predictor(x[i : i + 1])
         assert actions == [bool(a) for a in greedy[i]]
         torch.testing.assert_close(logits[0], expected[i], atol=1e-4, rtol=1e-4)
+
+
+def test_a_pooled_policy_sees_the_pooled_image_at_a_quarter_of_the_flops(tmp_path: Path) -> None:
+    from blockdrop.config import Model
+    from blockdrop.flops import module_flops
+    from blockdrop.models import build_policy
+    from blockdrop.models.io import _digest
+
+    torch.manual_seed(0)
+    whole, pooled = policy_resnet8(15, 1, pool=1).eval(), policy_resnet8(15, 1, pool=2).eval()
+    pooled.load_state_dict(whole.state_dict())
+    x = torch.randn(3, 1, 28, 28)
+    assert torch.allclose(pooled(x), whole(torch.nn.functional.avg_pool2d(x, 2)))
+    fc = 2 * 64 * 15  # the classifier does not shrink with the image; on even sides every convolution does, by 4
+    full, quarter = module_flops(whole, (1, 32, 32))["Global"], module_flops(pooled, (1, 32, 32))["Global"]
+    assert quarter - fc == (full - fc) // 4
+    # 28 px: 14 -> 7 -> 4 in the last stage (the shortcut pools with ceil_mode), so a little over a quarter
+    full, pooled_flops = module_flops(whole, (1, 28, 28))["Global"], module_flops(pooled, (1, 28, 28))["Global"]
+    assert 0.25 < (pooled_flops - fc) / (full - fc) < 0.28
+
+    save_policy(pooled, tmp_path / "p.pt")
+    assert load_policy(tmp_path / "p.pt").pool == 2
+    # a file written before the option existed has no "pool": it is the authors' whole-image policy
+    blob = torch.load(tmp_path / "p.pt", weights_only=True)
+    del blob["pool"]
+    blob["weights_sha256"] = _digest(blob)
+    torch.save(blob, tmp_path / "old.pt")
+    assert load_policy(tmp_path / "old.pt").pool == 1
+
+    backbone = cifar_resnet(32, 10, 1)
+    assert build_policy(backbone, 1, Model()).pool == 1  # 0: the authors' factor, 1 on CIFAR
+    assert build_policy(backbone, 1, Model(policy_pool=2)).pool == 2

@@ -30,7 +30,7 @@ PROFILES = REPO / "profiles"
 CIFAR10_R32 = {
     "precision": "fp32", "compile": False,  # PyTorch 0.3, fp32
     "data.source": "cifar10", "data.val_size": 5000, "data.train_limit": 0, "data.test_limit": 0,
-    "model.depth": 32,
+    "model.depth": 32, "model.policy_pool": 1,  # Policy32 on the whole image
     # the backbone recipe (He et al. 2016, via felixgwu/img_classification_pk_pytorch): 164 epochs, SGD lr 0.1
     # x0.1 at 50% and 75%, momentum 0.9, weight decay 1e-4, batch 128, crop 32 with padding 4, flip
     "pretrain.epochs": 164, "pretrain.batch_size": 128, "pretrain.lr": 0.1, "pretrain.lr_schedule": "step",
@@ -61,7 +61,7 @@ IMAGENET_R101 = {
     "data.source": "imagenet", "data.val_size": 10000, "data.train_limit": 0, "data.test_limit": 0,
     "data.resize": 256, "data.image_size": 224,
     "model.depth": 101, "model.weights": "models/pretrained/resnet101-63fe2227.pth",
-    "model.policy_weights": "models/pretrained/resnet18-f37072fd.pth",
+    "model.policy_weights": "models/pretrained/resnet18-f37072fd.pth", "model.policy_pool": 2,  # Policy224: 112 px
     "pretrain.epochs": 0, "pretrain.warmup_epochs": 0.0, "pretrain.crop_padding": 0, "pretrain.crop_size": 0,
     "curriculum.epochs": 45, "curriculum.images_per_epoch": 1271167, "curriculum.batch_size": 2048,
     "curriculum.lr": 1e-3, "curriculum.alpha": 0.8, "curriculum.beta": 0.1, "curriculum.penalty": 1.0,

@@ -42,8 +42,9 @@ def build_backbone(model_cfg: Model, num_classes: int, in_channels: int) -> Bloc
 
 def build_policy(backbone: BlockResNet, in_channels: int, model_cfg: Model) -> PolicyNet:
     """The policy network for ``backbone``'s K blocks: the ResNet-10 (from ``model_cfg.policy_weights`` when
-    set) for the ImageNet ResNet, the random ResNet-8 for a CIFAR ResNet."""
+    set) for the ImageNet ResNet, the random ResNet-8 for a CIFAR ResNet; each on the image average-pooled by
+    ``model_cfg.policy_pool`` (0: the authors' factor, 2 for the ResNet-10 and 1 for the ResNet-8)."""
     if isinstance(backbone, ImageNetResNet):
         _three_channels(in_channels)
-        return policy_resnet10(backbone.num_blocks, model_cfg.policy_weights)
-    return policy_resnet8(backbone.num_blocks, in_channels)
+        return policy_resnet10(backbone.num_blocks, model_cfg.policy_weights, pool=model_cfg.policy_pool or 2)
+    return policy_resnet8(backbone.num_blocks, in_channels, pool=model_cfg.policy_pool or 1)

@@ -127,25 +127,27 @@ class PolicyResNet10(torchvision.models.ResNet):
     sigmoid for the keep-probabilities).
     """
 
-    def __init__(self, num_blocks: int) -> None:
+    def __init__(self, num_blocks: int, pool: int = 2) -> None:
         super().__init__(TorchvisionBasicBlock, [1, 1, 1, 1], num_classes=num_blocks)
+        self.pool = pool  # the authors' 2; params model.policy_pool may choose another
 
     @property
     def in_channels(self) -> int:
         return self.conv1.in_channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(F.avg_pool2d(x, 2))  # 224 -> 112: the policy looks at a quarter of the pixels
+        # 224 -> 112 at the authors' pool of 2: the policy looks at a quarter of the pixels
+        return super().forward(F.avg_pool2d(x, self.pool) if self.pool > 1 else x)
 
 
-def policy_resnet10(num_blocks: int, weights: str | Path = "") -> PolicyResNet10:
+def policy_resnet10(num_blocks: int, weights: str | Path = "", pool: int = 2) -> PolicyResNet10:
     """BlockDrop's ImageNet policy network deciding ``num_blocks`` blocks; random init without ``weights``.
 
     With ``weights`` (torchvision's resnet18 file, hash-checked) the stem and each stage's first block,
     downsample included, are copied from ResNet-18, as the authors' ``load_weights_to_flatresnet`` did;
     the K-way ``fc`` stays random.
     """
-    policy = PolicyResNet10(num_blocks)
+    policy = PolicyResNet10(num_blocks, pool)
     if weights:
         state = load_torchvision_weights(weights)
         check_torchvision_arch(state, "resnet18", weights)

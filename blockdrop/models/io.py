@@ -98,7 +98,8 @@ def load_backbone(path: str | Path) -> BlockResNet:
 
 
 def _policy_blob(policy: PolicyNet) -> dict[str, Any]:
-    return {"num_blocks": policy.fc.out_features, "in_channels": policy.in_channels, "model": policy.state_dict()}
+    return {"num_blocks": policy.fc.out_features, "in_channels": policy.in_channels, "pool": policy.pool,
+            "model": policy.state_dict()}
 
 
 def save_policy(policy: PolicyNet, path: str | Path) -> None:
@@ -107,10 +108,11 @@ def save_policy(policy: PolicyNet, path: str | Path) -> None:
 
 def _build_policy(path: Path, blob: dict, family_key: str = "family") -> PolicyNet:
     try:
+        # files written before model.policy_pool existed have no "pool": the authors' factor then
         if _family(path, blob, family_key) == "imagenet":
-            policy: PolicyNet = policy_resnet10(blob["num_blocks"])
+            policy: PolicyNet = policy_resnet10(blob["num_blocks"], pool=blob.get("pool", 2))
         else:
-            policy = policy_resnet8(blob["num_blocks"], blob["in_channels"])
+            policy = policy_resnet8(blob["num_blocks"], blob["in_channels"], blob.get("pool", 1))
         policy.load_state_dict(blob["model"])
     except (RuntimeError, TypeError, KeyError, ValueError) as e:
         raise CheckpointError(f"checkpoint {path} does not hold a matching policy network ({e})") from None
@@ -127,7 +129,7 @@ def save_blockdrop(backbone: BlockResNet, policy: PolicyNet, path: str | Path) -
     p = _policy_blob(policy)
     _save({"family": family(backbone), "arch": _arch(backbone), "model": backbone.state_dict(),
            "policy_family": family(policy), "num_blocks": p["num_blocks"], "in_channels": p["in_channels"],
-           "policy": p["model"]}, path)
+           "pool": p["pool"], "policy": p["model"]}, path)
 
 
 def load_blockdrop(path: str | Path) -> tuple[BlockResNet, PolicyNet]:

@@ -56,7 +56,9 @@ class Shortcut(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.stride > 1:
-            x = F.avg_pool2d(x, self.stride)
+            # ceil_mode: an odd side (7 for a 28x28 image pooled by 2 before the policy) gives the stride-2
+            # convolution's ceil(7/2) = 4, not 3; on even sides it changes nothing
+            x = F.avg_pool2d(x, self.stride, ceil_mode=True)
         if self.extra:
             x = F.pad(x, (0, 0, 0, 0, 0, self.extra))  # zeros appended along the channel dim
         return x
@@ -187,6 +189,18 @@ def cifar_resnet(depth: int, num_classes: int, in_channels: int = 3) -> CifarRes
     return CifarResNet((n, n, n), num_classes, in_channels)
 
 
-def policy_resnet8(num_blocks: int, in_channels: int = 3) -> CifarResNet:
-    """BlockDrop's CIFAR policy network: a ResNet-8 whose K outputs are logits of keep-probabilities."""
-    return CifarResNet((1, 1, 1), num_blocks, in_channels)
+class PolicyResNet8(CifarResNet):
+    """BlockDrop's CIFAR policy network: a ResNet-8 whose K outputs are logits of keep-probabilities, looking
+    at the image average-pooled by ``pool`` (1: the whole image, as the authors; 2: a quarter of the FLOPs)."""
+
+    def __init__(self, num_blocks: int, in_channels: int = 3, pool: int = 1) -> None:
+        super().__init__((1, 1, 1), num_blocks, in_channels)
+        self.pool = pool
+
+    def forward(self, x: torch.Tensor, policy: torch.Tensor | None = None) -> torch.Tensor:
+        return super().forward(F.avg_pool2d(x, self.pool) if self.pool > 1 else x, policy)
+
+
+def policy_resnet8(num_blocks: int, in_channels: int = 3, pool: int = 1) -> PolicyResNet8:
+    """The CIFAR policy network for ``num_blocks`` blocks (see :class:`PolicyResNet8`)."""
+    return PolicyResNet8(num_blocks, in_channels, pool)
