@@ -17,7 +17,8 @@ from blockdrop.flops import FlopTable
 from blockdrop.models import BlockResNet, PolicyNet
 from blockdrop.predict import predict, run_policy
 
-__all__ = ["evaluate_variants", "firstk_actions", "per_class_table", "randomk_actions", "variant_metrics"]
+__all__ = ["evaluate_variants", "firstk_actions", "heuristic_curves", "per_class_table", "randomk_actions",
+           "variant_metrics"]
 
 
 def variant_metrics(correct: torch.Tensor, actions: torch.Tensor, flops: torch.Tensor) -> dict[str, float]:
@@ -88,6 +89,34 @@ def evaluate_variants(
         "full_loss": (-full_log_probs.gather(1, labels[:, None])[:, 0]).numpy(),
     })
     return metrics, per_image
+
+
+def heuristic_curves(
+    pretrained: BlockResNet,
+    test: Split,
+    normalize: Normalize,
+    flops: FlopTable,
+    generator: torch.Generator,
+    batch_size: int = 500,
+) -> pd.DataFrame:
+    """FirstK and RandomK at every k from 1 to K on the pretrained backbone: one row per k with each
+    heuristic's accuracy and mean FLOPs per image (no policy network: they have none).
+
+    The paper compares BlockDrop with these baselines as curves, not at one k; a dropped block is skipped
+    for real here, so the whole table costs about K full passes over the test set.
+    """
+    labels = test.labels.cpu()
+    n, num_blocks = len(labels), pretrained.num_blocks
+    rows = []
+    for k in range(1, num_blocks + 1):
+        row: dict[str, float] = {"k": k}
+        for name, actions in (("firstk", firstk_actions(n, num_blocks, k)),
+                              ("randomk", randomk_actions(n, num_blocks, k, generator))):
+            logits = predict(pretrained, test, normalize, batch_size, policy_fn=_rows_of(actions, batch_size))
+            row[f"{name}_accuracy"] = (logits.argmax(1) == labels).double().mean().item()
+            row[f"{name}_flops"] = flops.per_image(actions, with_policy=False).mean().item()
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def _rows_of(actions: torch.Tensor, batch_size: int):

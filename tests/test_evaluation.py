@@ -69,3 +69,28 @@ def test_per_class_table_by_hand() -> None:
     assert table["blocks_mean"].tolist() == pytest.approx([3.0, 8.0])
     # pandas' std: the sample std (n - 1), unlike variant_metrics' population std
     assert table["blocks_std"].tolist() == pytest.approx([1.0, 2.0])
+
+
+def test_heuristic_curves_at_every_k_run_the_pretrained_backbone() -> None:
+    # A random backbone on random images: the curves must be what predict() gives under each k's actions,
+    # FirstK at k = K must be the full network, and FLOPs (no policy) must follow the table exactly.
+    from blockdrop.data import Normalize, Split
+    from blockdrop.evaluation import heuristic_curves
+    from blockdrop.flops import FlopTable
+    from blockdrop.models import cifar_resnet
+    from blockdrop.predict import predict
+
+    torch.manual_seed(0)
+    model = cifar_resnet(14, 3, 1).eval()  # K = 6
+    test = Split(torch.randint(0, 256, (30, 1, 8, 8), dtype=torch.uint8), torch.randint(0, 3, (30,)))
+    norm = Normalize([0.5], [0.25], torch.device("cpu"))
+    flops = FlopTable(base=7, blocks=(1, 10, 100, 1_000, 10_000, 100_000), policy=10**9)
+    curves = heuristic_curves(model, test, norm, flops, torch.Generator().manual_seed(3), batch_size=8)
+
+    assert curves["k"].tolist() == [1, 2, 3, 4, 5, 6]
+    assert curves["firstk_flops"].tolist() == [7 + sum(flops.blocks[:k]) for k in range(1, 7)]
+    assert curves["randomk_flops"].is_monotonic_increasing and curves["randomk_flops"].iloc[-1] == 7 + 111_111
+    full = (predict(model, test, norm).argmax(1) == test.labels).double().mean().item()
+    assert curves["firstk_accuracy"].iloc[-1] == full == curves["randomk_accuracy"].iloc[-1]
+    first2 = predict(model, test, norm, policy_fn=lambda x: firstk_actions(len(x), 6, 2))
+    assert curves["firstk_accuracy"].iloc[1] == (first2.argmax(1) == test.labels).double().mean().item()
