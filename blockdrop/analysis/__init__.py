@@ -13,9 +13,11 @@ from blockdrop.analysis.policies import (
     top_policies_per_class,
     top_policies_table,
 )
+from blockdrop.analysis.tradeoff import Experiment, reference_points, settings_table, tradeoff_figure
 
 __all__ = [
     "FIGURES",
+    "Experiment",
     "accuracy_flops_table",
     "analysis_metrics",
     "block_usage_by_class",
@@ -25,8 +27,11 @@ __all__ = [
     "policy_purity",
     "read_history",
     "read_per_image",
+    "reference_points",
     "run_analysis",
+    "settings_table",
     "spearman",
     "top_policies_per_class",
     "top_policies_table",
+    "tradeoff_figure",
 ]

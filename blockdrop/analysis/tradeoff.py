@@ -1,0 +1,221 @@
+"""The accuracy-vs-FLOPs trade-off of a parameter sweep: one table row and one figure point per setting.
+
+A sweep runs every setting of a grid (e.g. ``{finetune.penalty: [2, 5, 8], seed: [0, 1]}``) as one experiment
+each. Seeds are not settings: the experiments that differ only in the seed collapse into one setting, shown as
+the mean with its spread (population std over seeds). Inputs are what each experiment's evaluate stage wrote
+(``metrics.json`` and ``heuristics_by_k.csv``); nothing here trains or reads files.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from blockdrop.analysis.figures import VARIANT_COLORS, _save, _styled
+
+__all__ = ["PAPER", "Experiment", "reference_points", "settings_table", "tradeoff_figure"]
+
+# (source, depth) -> variant -> (accuracy, FLOPs per image), from REFERENCE.md (the authors' README). The
+# full-model FLOPs are this project's count under the authors' convention; CIFAR-100 adds 1.2e4 to CIFAR-10's
+# classifier, far below the precision shown. Fashion-MNIST has no published point.
+PAPER: dict[tuple[str, int], dict[str, tuple[float, float]]] = {
+    ("cifar10", 110): {"blockdrop": (0.936, 1.81e8), "full": (0.932, 5.058e8)},
+    ("cifar10", 32): {"full": (0.923, 1.377e8)},
+    ("cifar100", 32): {"full": (0.693, 1.377e8)},
+    ("cifar100", 110): {"full": (0.723, 5.058e8)},
+    ("imagenet", 101): {"blockdrop": (0.764, 1.25e10), "full": (0.7646, 1.560e10)},
+}
+# table column -> (section of the evaluate metrics, key); BlockDrop's numbers unless the section says otherwise
+QUANTITIES = {
+    "accuracy": ("blockdrop", "accuracy"),
+    "blocks": ("blockdrop", "blocks_mean"),
+    "block_fraction": ("blockdrop", "block_fraction"),
+    "flops": ("blockdrop", "flops_mean"),
+    "speedup_measured": ("speedup", "measured_batch1"),
+    "speedup_flops": ("speedup", "flops_ratio"),
+    "full_accuracy": ("full", "accuracy"),
+}
+DEPTH_MARKERS = ("s", "D", "^", "v", "P", "X")
+
+
+@dataclass
+class Experiment:
+    """One finished experiment of a sweep: its grid params (dotted keys) and what its evaluate stage wrote."""
+
+    name: str
+    params: dict
+    metrics: dict
+    heuristics: pd.DataFrame | None = None  # per-k table: k, firstk_accuracy, firstk_flops, randomk_...
+    source: str = "fashion-mnist"
+    depth: int = 32
+
+    @classmethod
+    def load(cls, name: str, params: dict, evaluate_dir: str | Path, source: str, depth: int) -> Experiment:
+        """From an evaluate stage's outputs: ``metrics.json`` and, when present, ``heuristics_by_k.csv``."""
+        evaluate_dir = Path(evaluate_dir)
+        metrics = json.loads((evaluate_dir / "metrics.json").read_text())
+        per_k = evaluate_dir / "heuristics_by_k.csv"
+        return cls(name, dict(params), metrics, pd.read_csv(per_k) if per_k.exists() else None, source, depth)
+
+
+def _setting(e: Experiment, seed_key: str) -> tuple:
+    return tuple(sorted((k, v) for k, v in e.params.items() if k != seed_key))
+
+
+def _value(metrics: dict, section: str, key: str) -> float:
+    v = (metrics.get(section) or {}).get(key)
+    return float(v) if v is not None else float("nan")
+
+
+def _pareto(accuracy: np.ndarray, flops: np.ndarray) -> np.ndarray:
+    """True where no other point is at least as accurate for at most the FLOPs, and strictly better in one."""
+    better_eq = (accuracy[None, :] >= accuracy[:, None]) & (flops[None, :] <= flops[:, None])
+    strict = (accuracy[None, :] > accuracy[:, None]) | (flops[None, :] < flops[:, None])
+    return ~(better_eq & strict).any(axis=1)
+
+
+def settings_table(experiments: list[Experiment], seed_key: str = "seed") -> pd.DataFrame:
+    """One row per setting (the params without ``seed_key``): the params, ``seeds``, ``experiments`` and the
+    mean and population std over seeds of each of :data:`QUANTITIES` (``<name>_mean``, ``<name>_std``; the
+    full backbone's accuracy as a mean only), and ``pareto``. Sorted by mean FLOPs, then accuracy."""
+    if not experiments:
+        raise ValueError("no experiments: nothing to tabulate")
+    groups: dict[tuple, list[Experiment]] = {}
+    for e in experiments:
+        groups.setdefault(_setting(e, seed_key), []).append(e)
+    rows = []
+    for setting, members in groups.items():
+        row: dict = dict(setting)
+        row["seeds"] = len(members)
+        row["experiments"] = ", ".join(e.name for e in members)
+        for name, (section, key) in QUANTITIES.items():
+            values = np.array([_value(e.metrics, section, key) for e in members])
+            row[f"{name}_mean"] = values.mean()
+            if name != "full_accuracy":
+                row[f"{name}_std"] = values.std()  # numpy's default ddof=0: the population std, 0 for one seed
+        rows.append(row)
+    # ties in FLOPs by accuracy, so the line joining the settings never runs backwards
+    table = pd.DataFrame(rows).sort_values(["flops_mean", "accuracy_mean"], kind="stable").reset_index(drop=True)
+    table["pareto"] = _pareto(table["accuracy_mean"].to_numpy(), table["flops_mean"].to_numpy())
+    return table
+
+
+def reference_points(experiments: list[Experiment]) -> list[tuple[str, float, float]]:
+    """(label, accuracy, FLOPs) of the published points whose dataset and depth match an experiment's; an
+    empty list when none does (every Fashion-MNIST sweep)."""
+    points = []
+    for source, depth in sorted({(e.source, e.depth) for e in experiments}):
+        for variant, (acc, flops) in PAPER.get((source, depth), {}).items():
+            what = "BlockDrop" if variant == "blockdrop" else "full"
+            points.append((f"paper (authors' README): {what} ResNet-{depth}", acc, flops))
+    return points
+
+
+def _short(key: str) -> str:
+    return key.rsplit(".", 1)[-1]
+
+
+def _fmt(v) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def _labels(table: pd.DataFrame, keys: list[str]) -> tuple[list[str], str]:
+    """Each setting named by the params that differ between settings ("penalty 3.4"), and what the legend
+    adds. With many settings of one param the points carry the bare value and the legend names the param."""
+    varying = [k for k in keys if table[k].astype(str).nunique() > 1]
+    if len(varying) == 1 and len(table) > 8:
+        return [_fmt(v) for v in table[varying[0]]], f", labelled by {_short(varying[0])}"
+    return [", ".join(f"{_short(k)} {_fmt(row[k])}" for k in varying) for _, row in table.iterrows()], ""
+
+
+def _heuristic_curves(members: list[Experiment], seed_key: str) -> pd.DataFrame | None:
+    """Per-k mean and std over backbones (same depth, different seeds) of the FirstK/RandomK tables; the
+    experiments that share one backbone (a penalty sweep) have identical tables, so they are averaged first."""
+    by_seed: dict = {}
+    for e in members:
+        if e.heuristics is not None and len(e.heuristics):
+            by_seed.setdefault(e.params.get(seed_key), []).append(e.heuristics)
+    if not by_seed:
+        return None
+    backbones = [pd.concat(tables).groupby("k").mean() for tables in by_seed.values()]
+    joined = pd.concat(backbones).groupby("k")
+    return joined.mean().join(joined.std(ddof=0), rsuffix="_std").reset_index()
+
+
+def _draw_blockdrop(ax, table: pd.DataFrame, labels: list[str], legend: str) -> None:
+    color, many = VARIANT_COLORS["blockdrop"], len(table) > 8
+    x, y = table["flops_mean"] / 1e9, 100 * table["accuracy_mean"]
+    ax.errorbar(x, y, xerr=table["flops_std"] / 1e9, yerr=100 * table["accuracy_std"], fmt="-o", ms=5 if many else 6,
+                lw=1.2, capsize=3, elinewidth=0.8, color=color, alpha=0.85, zorder=3,
+                label=f"BlockDrop{legend} (mean ± std over seeds)")
+    front = table[table["pareto"]]
+    ax.plot(front["flops_mean"] / 1e9, 100 * front["accuracy_mean"], "o:", ms=9 if many else 12, mfc="none",
+            mec="black", mew=1.2, color="black", lw=1, label="Pareto front of the settings", zorder=4)
+    # labels up-left and down-right of the points in turn, so neighbours along the line do not collide
+    for i, (xi, yi, text) in enumerate(zip(x, y, labels, strict=True)):
+        if text:
+            dx, dy, ha = (-7, 5, "right") if i % 2 == 0 else (7, -12, "left")
+            ax.annotate(text, (xi, yi), xytext=(dx, dy), textcoords="offset points", ha=ha,
+                        fontsize=8 if many else 9, color=color, zorder=6)
+
+
+def _draw_backbones(ax, experiments: list[Experiment], seed_key: str) -> None:
+    groups: dict[tuple[str, int], list[Experiment]] = {}
+    for e in experiments:
+        groups.setdefault((e.source, e.depth), []).append(e)
+    sources = {s for s, _ in groups}
+    for i, ((source, depth), members) in enumerate(sorted(groups.items())):
+        name_of = f"ResNet-{depth}" + (f" {source}" if len(sources) > 1 else "")
+        tag = f" {name_of}" if len(groups) > 1 else ""  # one backbone: the legend need not repeat it
+        curves = _heuristic_curves(members, seed_key)
+        for variant, style in (("firstk", "-"), ("randomk", "--")):
+            name, color = ("FirstK" if variant == "firstk" else "RandomK"), VARIANT_COLORS[variant]
+            if curves is not None:
+                gx, acc = curves[f"{variant}_flops"] / 1e9, 100 * curves[f"{variant}_accuracy"]
+                spread = 100 * curves[f"{variant}_accuracy_std"]
+                ax.plot(gx, acc, style, marker=".", color=color, lw=1.2, label=f"{name}{tag} (k = 1..K)")
+                ax.fill_between(gx, acc - spread, acc + spread, color=color, alpha=0.15, lw=0)
+            else:  # no per-k table: each experiment's single point, at its BlockDrop's mean k
+                gx = np.array([_value(e.metrics, variant, "flops_mean") for e in members]) / 1e9
+                acc = 100 * np.array([_value(e.metrics, variant, "accuracy") for e in members])
+                ax.plot(gx, acc, "x", ms=7, mew=1.5, ls="none", color=color, label=f"{name}{tag} (k = BlockDrop's)")
+        full_acc = 100 * np.array([_value(e.metrics, "full", "accuracy") for e in members])
+        full_flops = np.array([_value(e.metrics, "full", "flops_mean") for e in members]) / 1e9
+        ax.errorbar(full_flops.mean(), full_acc.mean(), yerr=full_acc.std(), fmt=DEPTH_MARKERS[i % 6], ms=9,
+                    capsize=3, color=VARIANT_COLORS["full"], label=f"Full {name_of}", zorder=3)
+        ax.axhline(full_acc.mean(), color=VARIANT_COLORS["full"], ls=":", lw=0.8)  # the accuracy to keep
+
+
+@_styled
+def tradeoff_figure(experiments: list[Experiment], path: str | Path, title: str = "Accuracy against compute "
+                    "across the sweep", dpi: int = 150, seed_key: str = "seed") -> Path:
+    """Accuracy (%) against GFLOPs per image: BlockDrop per setting (joined in order of FLOPs, Pareto front
+    ringed), FirstK/RandomK curves and the full backbone per depth, and the published points that match."""
+    table = settings_table(experiments, seed_key)
+    keys = [c for c in table.columns if c in {k for e in experiments for k in e.params}]
+    fig = Figure(figsize=(11, 6), layout="constrained")
+    ax = fig.add_subplot()
+    _draw_blockdrop(ax, table, *_labels(table, keys))
+    _draw_backbones(ax, experiments, seed_key)
+    references = reference_points(experiments)
+    for label, acc, flops in references:
+        ax.plot(flops / 1e9, 100 * acc, "*", ms=14, mec="black", mfc="gold" if "BlockDrop" in label else "white",
+                label=label, zorder=5)
+    ax.set_xlabel("FLOPs per test image (GFLOPs, mean)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title)
+    ax.set_xlim(left=0)
+    # the heuristics fall to chance at small k: keep the y range on the sweep, let their curves leave below
+    ours = 100 * np.concatenate([table["accuracy_mean"], table["full_accuracy_mean"], [a for _, a, _ in references]])
+    lo, hi = np.nanmin(ours), np.nanmax(ours)
+    ax.set_ylim(max(0.0, lo - max(10.0, 1.5 * (hi - lo))), min(100.0, hi + max(2.0, 0.3 * (hi - lo))))
+    ax.grid(alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()  # matplotlib lists error-bar artists last: BlockDrop first
+    order = sorted(range(len(labels)), key=lambda i: (not labels[i].startswith("BlockDrop"), i))
+    fig.legend([handles[i] for i in order], [labels[i] for i in order], loc="outside right upper", fontsize=8)
+    return _save(fig, path, dpi)
