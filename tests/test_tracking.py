@@ -77,7 +77,7 @@ def test_stage_run_logs_params_tags_metrics_artifacts(store: MlflowClient, monke
     assert store.get_experiment(got.info.experiment_id).name == "blockdrop"
     # Exactly the stage's dvc.yaml keys, sections expanded to their leaves, values as strings.
     assert got.data.params == {"seed": "0", "model.depth": "32", "model.weights": "", "model.policy_weights": "",
-                               "pretrain.epochs": "5", "pretrain.lr": "0.2"}
+                               "model.policy_pool": "0", "pretrain.epochs": "5", "pretrain.lr": "0.2"}
     keys = ["seed", "model", "pretrain.epochs", "pretrain.lr"]
     assert got.data.tags["params_sha256"] == params_sha256(params, keys)
     assert got.data.tags["stage"] == "pretrain"
