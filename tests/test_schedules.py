@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_rl_stages import Interrupt, tiny_split  # the same tiny data and interruption as the RL stage tests
 
 from blockdrop import runtime
 from blockdrop.config import Curriculum, Finetune, Pretrain
-from blockdrop.data import Normalize, Split
+from blockdrop.data import Normalize
 from blockdrop.models import cifar_resnet, policy_resnet8
 from blockdrop.train import curriculum as curriculum_module
 from blockdrop.train import finetune as finetune_module
@@ -24,18 +25,6 @@ from blockdrop.train.pretrain import pretrain_backbone, warmup_cosine, warmup_st
 K = 6  # ResNet-14: 2 blocks per stage
 NORMALIZE = Normalize([0.2], [0.3], torch.device("cpu"))
 
-
-class Interrupt(Exception):
-    pass
-
-
-def tiny_split(n: int, seed: int) -> Split:
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, 10, (n,), generator=g)
-    images = torch.randint(0, 60, (n, 1, 16, 16), generator=g, dtype=torch.uint8)
-    for i, c in enumerate(labels.tolist()):  # a class-dependent bar: something to learn
-        images[i, 0, c : c + 3, 2:14] = 220
-    return Split(images, labels)
 
 
 def stop_after(epoch: int | None):
