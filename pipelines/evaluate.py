@@ -1,4 +1,8 @@
-"""DVC stage ``evaluate``: BlockDrop vs the full backbone, FirstK and RandomK, FLOPs and measured speedup."""
+"""DVC stage ``evaluate``: BlockDrop vs the full backbone, FirstK and RandomK, FLOPs and measured speedup.
+
+FirstK and RandomK here run at BlockDrop's own mean number of blocks; their curves over every k are the
+``heuristics`` stage's (they depend on the backbone only).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ from pathlib import Path
 import torch
 
 from blockdrop import stage, tracking
-from blockdrop.evaluation import evaluate_variants, heuristic_curves, per_class_table
+from blockdrop.evaluation import evaluate_variants, per_class_table
 from blockdrop.files import atomic_write_text, write_json
 from blockdrop.flops import count_flops
 from blockdrop.inference import FullPredictor, SkippingPredictor, measure_latency
@@ -35,8 +39,6 @@ def main() -> None:
         with tracking.stage_run("evaluate", ctx.params, data_sha256=meta.data_sha256) as run:
             metrics, per_image = evaluate_variants(pretrained, backbone, policy_net, test, normalize, flops,
                                                    ctx.generator, p.batch_size)
-            # After the variants (which draw RandomK's blocks first), so their numbers do not depend on this.
-            curves = heuristic_curves(pretrained, test, normalize, flops, ctx.generator, p.batch_size)
             n = min(len(test), p.latency_warmup + p.latency_images)
             images = normalize(test.images[:n])
             latency = measure_latency(FullPredictor(pretrained), SkippingPredictor(backbone, policy_net),
@@ -53,13 +55,11 @@ def main() -> None:
             PER_IMAGE.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(PER_IMAGE, per_image.to_csv(index=False))
             atomic_write_text(REPORTS / "per_class.csv", per_class_table(per_image, meta.classes).to_csv(index=False))
-            atomic_write_text(REPORTS / "heuristics_by_k.csv", curves.to_csv(index=False))
             write_json(REPORTS / "latency.json", latency)
             write_json(REPORTS / "metrics.json", metrics)
             run.log_metrics(metrics)
             run.log_metrics({"latency": latency})
-            run.log_artifacts([REPORTS / "metrics.json", REPORTS / "per_class.csv", REPORTS / "latency.json",
-                               REPORTS / "heuristics_by_k.csv"])
+            run.log_artifacts([REPORTS / "metrics.json", REPORTS / "per_class.csv", REPORTS / "latency.json"])
             if ctx.params.tracking.log_model:
                 # The registered version built from exactly this checkpoint (its dvc_md5 tag) gets the
                 # numbers measured here; none (a model finetuned with log_model off): nothing to tag.
