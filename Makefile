@@ -13,7 +13,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DVC_NO_ANALYTICS := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help install data repro test test-slow lint plots ui flow retrain schedule browser
+.PHONY: help install data repro test test-slow lint plots ui flow retrain schedule sweep browser
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -52,6 +52,9 @@ retrain: install data  ## run the retrain flow once: the pipeline, then champion
 
 schedule: install data  ## serve the retrain flow on flow.cron (starts a Prefect server on 127.0.0.1:4200 if none)
 	$(PY) -m pipelines.flow serve --port 4200
+
+sweep: install data  ## every setting of sweep.grid as a DVC experiment; reports/sweep/ (ARGS="--set key=v1,v2")
+	$(PY) -m pipelines.flow sweep $(ARGS)
 
 ui: install  ## MLflow UI on http://127.0.0.1:5000 (one worker) over this project's tracking store
 	mlflow ui --host 127.0.0.1 --port 5000 --workers 1 \

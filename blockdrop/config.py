@@ -10,7 +10,9 @@ images) is checked by :func:`check_data_fit` as soon as the stage knows the data
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -295,6 +297,55 @@ class Flow(Section):
         return value
 
 
+GridValue = bool | int | float | str
+SWEEP_NAME = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"  # a prefix of DVC experiment names (git refs): no dots, no slashes
+MAX_SETTINGS = 256
+# What a sweep cannot vary: its own and the flow's settings, where runs are logged, and the speed-only keys
+# (threads, workers) that no stage depends on, which would give identical experiments.
+NOT_SWEPT = ("sweep", "flow", "tracking", "report", "threads", "workers")
+
+
+class Sweep(Section):
+    # `make sweep` (pipelines/sweep.py): every combination of the grid's values is one DVC experiment
+    name: Annotated[str, Field(pattern=SWEEP_NAME, max_length=40)] = "sweep"  # experiments are <name>-<values>
+    grid: dict[str, Annotated[list[GridValue], Field(min_length=1)]] = {}  # dotted params key -> its values
+    workers: Annotated[int, Field(ge=1, le=32)] = 1  # DVC queue workers running experiments at once
+    retries: NonNegInt = 1  # a failed experiment is queued again this many times
+
+
+def _swept(params: Params) -> None:
+    """Every key of ``sweep.grid`` names a param a stage reads, and every combination validates."""
+    grid = params.sweep.grid
+    if not grid:
+        return
+    base = params.model_dump()
+    base["sweep"] = Sweep().model_dump()
+    flat = flatten(base)
+    for key, values in grid.items():
+        if key not in flat or isinstance(flat[key], dict):
+            raise Conflict((f"sweep.grid.{key}",), "not a params key (a dotted name such as finetune.penalty)")
+        if key.split(".")[0] in NOT_SWEPT:
+            raise Conflict((f"sweep.grid.{key}",), f"cannot be swept ({', '.join(NOT_SWEPT)} are not)")
+        if len(set(map(repr, values))) < len(values):
+            raise Conflict((f"sweep.grid.{key}",), f"values repeat: {values}")
+    if math.prod(len(v) for v in grid.values()) > MAX_SETTINGS:
+        raise Conflict(("sweep.grid",), f"more than {MAX_SETTINGS} combinations")
+    for combination in itertools.product(*grid.values()):
+        raw = json.loads(json.dumps(base))
+        for key, value in zip(grid, combination, strict=True):
+            *path, last = key.split(".")
+            node = raw
+            for part in path:
+                node = node[part]
+            node[last] = value
+        try:
+            Params.model_validate(raw)
+        except ValidationError as e:
+            setting = ", ".join(f"{k}={v}" for k, v in zip(grid, combination, strict=True))
+            raise Conflict(tuple(f"sweep.grid.{k}" for k in grid), f"the setting {setting} is invalid: "
+                           f"{_describe(e)}") from None
+
+
 class Params(Section):
     seed: NonNegInt = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -314,6 +365,7 @@ class Params(Section):
     report: Report = Report()
     tracking: Tracking = Tracking()
     flow: Flow = Flow()
+    sweep: Sweep = Sweep()
 
     @model_validator(mode="after")
     def _sections_agree(self) -> Params:
@@ -336,6 +388,7 @@ class Params(Section):
             raise Conflict(("evaluate.latency_warmup", "evaluate.latency_images", "data.test_limit"),
                            f"{self.evaluate.latency_warmup} warm-up + {self.evaluate.latency_images} timed images "
                            f"exceed the {self.data.test_limit} test images kept")
+        _swept(self)
         return self
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 import math
 import subprocess
 from pathlib import Path
@@ -180,9 +181,67 @@ def build_report(reports_dir: str | Path, params: Params, params_text: str, comm
             blocks.append(("h3", FIGURE_TITLES.get(key, key)))
         blocks.append(("figure", path, path.relative_to(reports).as_posix(),
                        READINGS[key](inp) if first and key in READINGS else ""))
+    blocks.extend(_sweep_blocks(reports))
     blocks.append(("h2", "Parameters"))
     blocks.append(("details", "params.yaml", params_text))
     return _markdown(blocks), _html(blocks, title)
+
+
+def _sweep_blocks(reports: Path) -> list[tuple]:
+    """The sweep's table and trade-off figure (``reports/sweep``, written by ``make sweep``), if there is one."""
+    folder = reports / "sweep"
+    if not (folder / "settings.csv").exists():
+        return []
+    table = pd.read_csv(folder / "settings.csv")
+    info = json.loads((folder / "sweep.json").read_text()) if (folder / "sweep.json").exists() else {}
+    keys = [k for k in info.get("grid", {}) if k in table.columns]
+    header = [*keys, "seeds", "accuracy", "blocks", "GFLOPs", "speedup (FLOPs)", "speedup (measured)",
+              "FirstK at equal FLOPs", "RandomK at equal FLOPs", "Pareto"]
+
+    def spread(name: str, scale: float = 1.0, digits: int = 2, unit: str = "") -> str:
+        mean, std = scale * row[f"{name}_mean"], scale * row[f"{name}_std"]
+        return f"{mean:.{digits}f}{unit}" + (f" ± {std:.{digits}f}" if row["seeds"] > 1 else "")
+
+    rows = []
+    for _, row in table.iterrows():
+        rows.append([*(str(row[k]) for k in keys), str(row["seeds"]), spread("accuracy", 100, 2, "%"),
+                     f"{spread('blocks')} ({100 * row['block_fraction_mean']:.0f}%)", spread("flops", 1e-9, 4),
+                     spread("speedup_flops", digits=2), spread("speedup_measured", digits=2),
+                     _pct(row["firstk_at_flops"]), _pct(row["randomk_at_flops"]), "yes" if row["pareto"] else ""])
+    blocks: list[tuple] = [("h2", "Sweep"), ("p", _sweep_reading(table, info)), ("table", header, rows, None)]
+    if (folder / "tradeoff.png").exists():
+        blocks.append(("figure", folder / "tradeoff.png", "sweep/tradeoff.png",
+                       "BlockDrop's settings joined in order of FLOPs (the ringed ones form the Pareto front), FirstK "
+                       "and RandomK at every k on the pretrained backbone, the full backbone as the dotted line."))
+    return blocks
+
+
+def _pct(v: float) -> str:
+    return pct(v, 2) if math.isfinite(v) else "n/a"
+
+
+def _sweep_reading(table: pd.DataFrame, info: dict) -> str:
+    """What the sweep shows, in numbers: its size and cost, the cheapest setting that keeps the full
+    backbone's accuracy (within 0.3 points), and whether BlockDrop beats the heuristics at equal FLOPs."""
+    n, experiments = len(table), int(table["seeds"].sum())
+    full = table["full_accuracy_mean"].mean()
+    text = (f"{n} settings ({experiments} experiments) of {', '.join(info.get('grid', {})) or 'the grid'}"
+            + (f", swept in {info['wall_seconds']:.0f} s of wall time" if "wall_seconds" in info else "")
+            + f", baseline commit {str(info.get('baseline', 'unknown'))[:7]}. Full backbone: {_pct(full)}.")
+    keep = table[table["accuracy_mean"] >= full - 0.003].sort_values("flops_mean")
+    if len(keep):
+        best = keep.iloc[0]
+        text += (f" The cheapest setting within 0.3 points of it runs {100 * best['block_fraction_mean']:.0f}% of the "
+                 f"blocks at {_pct(best['accuracy_mean'])} ({best['speedup_flops_mean']:.2f}x fewer FLOPs).")
+    else:
+        text += " No setting comes within 0.3 points of it."
+    margin = table[["firstk_at_flops", "randomk_at_flops"]].max(axis=1)
+    known = margin.notna()
+    if known.any():
+        above = int((table["accuracy_mean"][known] > margin[known]).sum())
+        text += (f" At equal FLOPs BlockDrop is above both FirstK and RandomK in {above} of {int(known.sum())} "
+                 f"settings (smallest margin {100 * (table['accuracy_mean'][known] - margin[known]).min():+.2f} points).")
+    return text
 
 
 def _md_cell(text: str) -> str:

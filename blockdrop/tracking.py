@@ -26,6 +26,7 @@ import ssl
 import subprocess
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import closing, contextmanager
@@ -54,6 +55,7 @@ from blockdrop.lineage import dvc_md5, upstream_param_keys, upstream_stages  # n
 
 __all__ = [
     "PARENT_ENV",
+    "SWEEP_ENV",
     "TIMES_ENV",
     "StageRun",
     "TrackingUnavailable",
@@ -61,6 +63,7 @@ __all__ = [
     "dvc_md5",
     "find_version",
     "get_alias_version",
+    "latest_stage_runs",
     "latest_version",
     "load_registered_model",
     "log_blockdrop_model",
@@ -72,10 +75,13 @@ __all__ = [
     "set_version_tags",
     "stage_run",
     "tracking_uri",
+    "ui_links",
     "version_info",
 ]
 
 PARENT_ENV = "BLOCKDROP_PARENT_RUN_ID"  # set by the Prefect flow; every stage run nests under it
+SWEEP_ENV = "BLOCKDROP_SWEEP"  # set by the sweep flow: the stage runs of its experiments are tagged `sweep`
+UI = "http://127.0.0.1:5000"  # `make ui`
 TIMES_ENV = "BLOCKDROP_TRACKING_TIMES"  # a JSON-lines file: each stage appends the time its tracking took
 REACH_TIMEOUT_S = 3.0
 EPOCH_LOG_ATTEMPTS, EPOCH_LOG_BACKOFF_S = 4, 0.5  # 0.5 + 1 + 2 s of waiting before an epoch's point is dropped
@@ -378,6 +384,8 @@ def _base_tags(stage: str) -> dict[str, str]:
     tags = {"stage": stage, "git_commit": _git("rev-parse", "HEAD") or "unknown"}
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc_exp"] = os.environ["DVC_EXP_NAME"]
+    if os.environ.get(SWEEP_ENV):
+        tags["sweep"] = os.environ[SWEEP_ENV]
     return tags
 
 
@@ -595,6 +603,31 @@ def _client() -> MlflowClient:
     _check_reachable(uri)
     _prepare_store(uri)
     return MlflowClient(uri)
+
+
+def latest_stage_runs(stage: str, dvc_exps: Iterable[str]) -> dict[str, str]:
+    """``{experiment: run id}``: the latest FINISHED run of ``stage`` tagged with each DVC experiment name."""
+    client = _client()
+    ids = [e.experiment_id for e in client.search_experiments()]
+    found: dict[str, str] = {}
+    for name in dvc_exps:
+        runs = client.search_runs(ids, filter_string=f"tags.dvc_exp = '{name}' and tags.stage = '{stage}' and "
+                                  "attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"],
+                                  max_results=1)
+        if runs:
+            found[name] = runs[0].info.run_id
+    return found
+
+
+def ui_links(parent_run_id: str, run_ids: list[str], ui: str = UI) -> dict[str, str]:
+    """Addresses in the MLflow UI (``make ui``): the parent run, and the compare view of ``run_ids``."""
+    experiment_id = _client().get_run(parent_run_id).info.experiment_id
+
+    def quoted(ids: list[str]) -> str:
+        return urllib.parse.quote(json.dumps(ids, separators=(",", ":")))
+
+    return {"parent": f"{ui}/#/experiments/{experiment_id}/runs/{parent_run_id}",
+            "compare": f"{ui}/#/compare-runs?runs={quoted(run_ids)}&experiments={quoted([experiment_id])}"}
 
 
 def latest_version(name: str) -> int | None:

@@ -20,8 +20,9 @@ timeout cannot interrupt a synchronous task) and fails, not retried: a rerun wou
 hold the pipeline for another whole timeout. Each stage gets ``$BLOCKDROP_SUPERVISOR_PID``, this process: if
 the flow is killed, the stage stops itself (``blockdrop.supervision``) instead of running on unsupervised.
 
-``python -m pipelines.flow run|retrain|serve`` (``make flow``, ``make schedule``). This is the only module
-that imports prefect; the stages and the library know nothing of it.
+``python -m pipelines.flow run|retrain|serve|sweep`` (``make flow``, ``make schedule``, ``make sweep``). This
+module and ``pipelines/sweep.py`` (the ``blockdrop-sweep`` flow) are the only ones that import prefect; the
+stages and the library know nothing of it.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.logging.handlers import APILogHandler
 
 from blockdrop import tracking
-from blockdrop.config import Params, load_params
+from blockdrop.config import Params, ParamsError, load_params, refuse
 from blockdrop.supervision import SUPERVISOR_ENV
 from pipelines.prefect_server import api_url, healthy, local_server
 
@@ -481,10 +482,21 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--force", action="store_true", help="run every stage, even those DVC finds up to date")
     p = sub.add_parser("serve", help=f"serve {RETRAIN} on flow.cron (starts a Prefect server if needed)")
     p.add_argument("--port", type=int, default=PREFECT_PORT)
+    p = sub.add_parser("sweep", help="run every setting of sweep.grid as a DVC experiment (pipelines/sweep.py)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=V1,V2",
+                   help="sweep these values of a dotted params key instead of sweep.grid (repeatable)")
     args = parser.parse_args(argv)
     if args.command == "serve":
         serve(args.port)
         return
+    if args.command == "sweep":
+        from pipelines import sweep
+
+        try:
+            grid = sweep.parse_set(args.set)
+        except ParamsError as error:
+            raise refuse(error) from None
+        raise SystemExit(sweep.main(grid or None))
     chosen = pipeline_flow if args.command == "run" else retrain_flow
     try:
         with flow_lock(project_root()):  # a second flow fails here at once, before any server or run starts

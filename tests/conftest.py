@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -22,3 +24,30 @@ def mlflow_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.chdir(tmp_path)
     shutil.copy(Path(__file__).resolve().parents[1] / "dvc.yaml", tmp_path / "dvc.yaml")
     return uri
+
+
+@pytest.fixture(scope="session")
+def flows():
+    """pipelines.flow, imported under one temporary Prefect API for the whole session."""
+    home = None
+    if not os.environ.get("PREFECT_HOME"):
+        home = tempfile.mkdtemp(prefix="prefect-home-")
+        os.environ["PREFECT_HOME"] = home  # read when prefect is first imported
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    from prefect.testing.utilities import prefect_test_harness
+
+    from pipelines import flow
+
+    with prefect_test_harness(server_startup_timeout=None):
+        yield flow
+    if home:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def isolated_env():
+    """Module-scoped monkeypatch (fixtures that run flows once per module need one)."""
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()

@@ -102,6 +102,12 @@ SCHEMA_CASES = [
     ("report: [a, b]", "report"),
     ("tracking: {log_model: 'yes'}", "tracking.log_model"),
     ("flow: {retry_delay_s: .inf}", "flow.retry_delay_s"),
+    ("sweep: {grid: {finetune.penalty: [1, -1]}}", "sweep.grid.finetune.penalty"),  # each setting is validated
+    ("sweep: {grid: {finetune.penalti: [1]}}", "sweep.grid.finetune.penalti"),  # not a params key
+    ("sweep: {grid: {threads: [1, 2]}}", "sweep.grid.threads"),  # no stage reads it: identical experiments
+    ("sweep: {grid: {seed: []}}", "sweep.grid.seed"),
+    ("sweep: {workers: 0}", "sweep.workers"),
+    ("sweep: {name: a/b}", "sweep.name"),
 ]
 
 

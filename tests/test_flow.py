@@ -14,11 +14,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -35,25 +33,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------------------------------------- set-up
-
-
-@pytest.fixture(scope="session")
-def flows():
-    """pipelines.flow, imported under one temporary Prefect API for the whole session."""
-    home = None
-    if not os.environ.get("PREFECT_HOME"):
-        home = tempfile.mkdtemp(prefix="prefect-home-")
-        os.environ["PREFECT_HOME"] = home  # read when prefect is first imported
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    from prefect.testing.utilities import prefect_test_harness
-
-    from pipelines import flow
-
-    with prefect_test_harness(server_startup_timeout=None):
-        yield flow
-    if home:
-        shutil.rmtree(home, ignore_errors=True)
 
 
 class Project:
@@ -86,14 +65,6 @@ class Project:
         chosen = flat if keys is None else {k: v for k, v in flat.items()
                                             if any(k == p or k.startswith(p + ".") for p in keys)}
         return {k: str(v) for k, v in chosen.items()}
-
-
-@pytest.fixture(scope="module")
-def isolated_env():
-    """Module-scoped monkeypatch (fixtures that run flows once per module need one)."""
-    mp = pytest.MonkeyPatch()
-    yield mp
-    mp.undo()
 
 
 # ------------------------------------------------------------------------------------ toy DVC project

@@ -45,6 +45,7 @@ def project_files(repo: Path = REPO) -> list[str]:
     listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=repo,
                             check=True, capture_output=True, text=True).stdout.split("\0")
     return [f for f in listed if f and not f.startswith(SKIP_PREFIXES) and f not in SKIP_FILES
+            and not (f.startswith("reports/sweep/") and f != "reports/sweep/README.md")  # the project's own sweep
             and (repo / f).is_file()]
 
 

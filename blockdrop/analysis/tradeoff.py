@@ -82,7 +82,8 @@ def _pareto(accuracy: np.ndarray, flops: np.ndarray) -> np.ndarray:
 def settings_table(experiments: list[Experiment], seed_key: str = "seed") -> pd.DataFrame:
     """One row per setting (the params without ``seed_key``): the params, ``seeds``, ``experiments`` and the
     mean and population std over seeds of each of :data:`QUANTITIES` (``<name>_mean``, ``<name>_std``; the
-    full backbone's accuracy as a mean only), and ``pareto``. Sorted by mean FLOPs, then accuracy."""
+    full backbone's accuracy as a mean only), ``firstk_at_flops`` / ``randomk_at_flops`` (the heuristics' accuracy
+    at the setting's mean FLOPs, from their per-k curves), and ``pareto``. Sorted by mean FLOPs, then accuracy."""
     if not experiments:
         raise ValueError("no experiments: nothing to tabulate")
     groups: dict[tuple, list[Experiment]] = {}
@@ -98,11 +99,20 @@ def settings_table(experiments: list[Experiment], seed_key: str = "seed") -> pd.
             row[f"{name}_mean"] = values.mean()
             if name != "full_accuracy":
                 row[f"{name}_std"] = values.std()  # numpy's default ddof=0: the population std, 0 for one seed
+        curves = _heuristic_curves(members, seed_key)
+        for variant in ("firstk", "randomk"):  # the heuristics' accuracy at this setting's FLOPs, interpolated
+            row[f"{variant}_at_flops"] = float("nan") if curves is None else _at(curves, variant, row["flops_mean"])
         rows.append(row)
     # ties in FLOPs by accuracy, so the line joining the settings never runs backwards
     table = pd.DataFrame(rows).sort_values(["flops_mean", "accuracy_mean"], kind="stable").reset_index(drop=True)
     table["pareto"] = _pareto(table["accuracy_mean"].to_numpy(), table["flops_mean"].to_numpy())
     return table
+
+
+def _at(curves: pd.DataFrame, variant: str, flops: float) -> float:
+    """``variant``'s accuracy at ``flops`` on its per-k curve, linear between neighbouring k (NaN outside it)."""
+    c = curves.sort_values(f"{variant}_flops")
+    return float(np.interp(flops, c[f"{variant}_flops"], c[f"{variant}_accuracy"], left=np.nan, right=np.nan))
 
 
 def reference_points(experiments: list[Experiment]) -> list[tuple[str, float, float]]:
