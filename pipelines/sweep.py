@@ -18,8 +18,8 @@ Every combination is one DVC experiment named after its values (``sweep-penalty-
   report stage shows them (``dvc repro`` after the sweep; the flow does it when nothing else is stale).
 
 Why DVC's queue and not ``dvc exp run --temp`` per Prefect task: the queue is what ``tests/test_queue.py``
-has shown safe with parallel workers on one MLflow store; concurrent ``--temp`` runs contend for the
-workspace's DVC lock while they stash.
+has shown safe with parallel workers on one MLflow store, and its workers outlive this process's threads;
+concurrent ``--temp`` runs would each take the workspace's DVC lock to stash (not measured here).
 """
 
 from __future__ import annotations
@@ -52,10 +52,6 @@ NO_WORKER_S = 60.0
 DONE = {"Success", "Failed"}
 STATES = {"Queued", "Running", "Success", "Failed"}  # the Status column of `dvc queue status`
 READ_FROM_EXPERIMENT = ("reports/evaluate/metrics.json", "reports/heuristics/by_k.csv", "params.yaml")
-
-
-class SweepError(RuntimeError):
-    """Settings failed after their retries (the others' results are written all the same)."""
 
 
 @dataclass(frozen=True)
@@ -125,6 +121,19 @@ def dvc(root: Path, *args: str, env: dict[str, str] | None = None, check: bool =
     return proc
 
 
+def start_workers(root: Path, workers: int, env: dict[str, str]) -> None:
+    """``dvc queue start -j N``. Its output goes to a file, not a pipe: the workers it spawns inherit the
+    command's stdout and stderr, and reading a pipe would wait for them to exit, i.e. for the whole queue."""
+    log = root / ".dvc" / "tmp" / "blockdrop-sweep-workers.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        cmd = [str(Path(sys.executable).parent / "dvc"), "queue", "start", "-j", str(workers)]
+        code = subprocess.run(cmd, cwd=root, env=env, stdout=out, stderr=out, stdin=subprocess.DEVNULL,
+                              timeout=120).returncode
+    if code != 0:
+        raise RuntimeError(f"dvc queue start -j {workers} failed ({code}): see {log}")
+
+
 def _git(root: Path, *args: str) -> str:
     return subprocess.run(["git", *args], cwd=root, check=True, capture_output=True, text=True).stdout
 
@@ -151,32 +160,28 @@ def matches(root: Path, rev: str, setting: Setting) -> bool:
     return all(key in flat and flat[key] == value for key, value in setting.values)
 
 
-def queue_status(root: Path) -> dict[str, str]:
-    """``{experiment name: Queued|Running|Success|Failed}`` from ``dvc queue status``."""
+def queue_status(root: Path) -> tuple[dict[str, str], int]:
+    """From one ``dvc queue status``: ``{experiment name: Queued|Running|Success|Failed}`` and the number of
+    this project's queue workers alive (active or idle)."""
+    text = dvc(root, "queue", "status").stdout
     status: dict[str, str] = {}
-    for line in dvc(root, "queue", "status").stdout.splitlines():
+    for line in text.splitlines():
         words = line.split()
         state = next((w for w in words if w in STATES), None)
         if state and len(words) >= 2:
-            status[words[1]] = state  # rev, name, created..., status
-    return status
-
-
-def _workers(root: Path) -> tuple[int, int]:
-    """(active, idle) DVC queue workers of this project."""
-    text = dvc(root, "queue", "status").stdout
+            status[words[1]] = state  # task, name, created..., status
     m = re.search(r"Worker status: (\d+) active, (\d+) idle", text)
-    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+    return status, (int(m.group(1)) + int(m.group(2)) if m else 0)
 
 
 def stop_idle_workers(root: Path, timeout_s: float = 60.0) -> None:
     """Workers left from an earlier queue carry that queue's environment (its parent run): stop them, so the
     ones this sweep starts carry its own."""
-    if _workers(root) == (0, 0):
+    if not queue_status(root)[1]:
         return
     dvc(root, "queue", "stop", check=False)
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and _workers(root) != (0, 0):
+    while time.monotonic() < deadline and queue_status(root)[1]:
         time.sleep(1.0)
 
 
@@ -200,7 +205,7 @@ def run_experiments(root: str, todo: list[Setting], workers: int, retries: int, 
     pending = list(todo)
     for attempt in range(1, retries + 2):
         stop_idle_workers(path)  # before queueing: an idle worker of an earlier queue would take these
-        stale = queue_status(path)
+        stale = queue_status(path)[0]
         leftovers = [s.name for s in pending if stale.get(s.name) in DONE]  # a failure of an earlier sweep
         if leftovers:
             dvc(path, "queue", "remove", *leftovers, check=False)
@@ -208,7 +213,7 @@ def run_experiments(root: str, todo: list[Setting], workers: int, retries: int, 
             dvc(path, "exp", "run", "--queue", "--name", s.name, *[a for o in s.overrides for a in ("-S", o)], env=env)
             results[s.name]["attempts"] = attempt
         logger.info("attempt %d: queued %d experiments: %s", attempt, len(pending), ", ".join(s.name for s in pending))
-        dvc(path, "queue", "start", "-j", str(workers), env=env)
+        start_workers(path, workers, env)
         status = _wait(path, [s.name for s in pending], workers, env, logger)
         failed = [s for s in pending if status.get(s.name) != "Success"]
         for s in pending:
@@ -230,7 +235,8 @@ def _wait(root: Path, names: list[str], workers: int, env: dict[str, str], logge
     seen: dict[str, str] = {}
     no_worker_since: float | None = None
     while True:
-        status = {n: s for n, s in queue_status(root).items() if n in names}
+        everything, alive = queue_status(root)
+        status = {n: s for n, s in everything.items() if n in names}
         for name, state in status.items():
             if seen.get(name) != state:
                 done = sum(v in DONE for v in status.values())
@@ -238,13 +244,13 @@ def _wait(root: Path, names: list[str], workers: int, env: dict[str, str], logge
         seen = status
         if len(status) == len(names) and set(status.values()) <= DONE:
             return status
-        if _workers(root) != (0, 0) or "Running" in status.values():
+        if alive or "Running" in status.values():
             no_worker_since = None
         elif no_worker_since is None:
             no_worker_since = time.monotonic()
         elif time.monotonic() - no_worker_since > NO_WORKER_S:
             logger.warning("no queue worker left with experiments still queued: starting %d again", workers)
-            dvc(root, "queue", "start", "-j", str(workers), env=env, check=False)
+            start_workers(root, workers, env)
             no_worker_since = None
         time.sleep(POLL_S)
 
@@ -336,6 +342,7 @@ def sweep_flow(grid: dict[str, list[Any]] | None = None) -> dict[str, Any]:
         wall = time.perf_counter() - t0
         summary = {"grid": s.grid, "workers": s.workers, "baseline": _git(root, "rev-parse", "HEAD").strip(),
                    "parent_run_id": run_id, "wall_seconds": round(wall, 1), "mlflow": links,
+                   "ran": sum(r["status"] == "Success" for r in results.values()),
                    "experiments": {x.name: {"values": dict(x.values), "commit": existing.get(x.name),
                                             "evaluate_run_id": runs.get(x.name), **results[x.name]}
                                    for x in settings}}

@@ -51,3 +51,21 @@ def isolated_env():
     mp = pytest.MonkeyPatch()
     yield mp
     mp.undo()
+
+
+@pytest.fixture(scope="session")
+def tiny_reproduced(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the project on the tiny profile shrunk by ``SHRUNK_TINY``, reproduced once (``dvc repro``,
+    about 75 s here) and not committed. Tests copy it with ``tinyrepo.copy_reproduced``; none changes it."""
+    import subprocess
+    import sys
+
+    from tinyrepo import SHRUNK_TINY, make_tiny_repo
+
+    root = make_tiny_repo(tmp_path_factory.mktemp("tiny-reproduced") / "repo", overrides=SHRUNK_TINY)
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", tracking.PARENT_ENV,
+                                                           "DVC_EXP_NAME", "DVC_ROOT", "BLOCKDROP_ROOT")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    proc = subprocess.run(["dvc", "repro"], cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"dvc repro failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return root

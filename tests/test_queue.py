@@ -17,12 +17,10 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
-from tinyrepo import make_tiny_repo
+from tinyrepo import copy_reproduced
 
 PENALTIES = (1.0, 2.0, 3.0)
 STATES = {"Queued", "Running", "Success", "Failed"}  # the Status column of `dvc queue status`
-# One epoch per training stage: the test is about concurrency, not accuracy.
-SHRINK = {"pretrain": {"epochs": 1}, "curriculum": {"epochs": 1}, "evaluate": {"latency_images": 4}}
 
 
 def run(root: Path, *cmd: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -38,13 +36,11 @@ def run(root: Path, *cmd: str, timeout: float = 600) -> subprocess.CompletedProc
 
 
 @pytest.fixture(scope="module")
-def queued(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str], float]:
+def queued(tiny_reproduced: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str], float]:
     """A committed tiny project whose baseline is reproduced (so the experiments rerun finetune onwards),
     three experiments queued and run by two workers; the queue's final status per experiment name."""
-    root = make_tiny_repo(tmp_path_factory.mktemp("queue") / "repo", overrides=SHRINK)
-    run(root, "dvc", "repro")
-    for leftover in root.glob("mlflow.db*"):
-        leftover.unlink()  # the workers start on no store at all: they race to create its schema
+    # no MLflow store in the copy: the workers start on no store at all, and race to create its schema
+    root = copy_reproduced(tiny_reproduced, tmp_path_factory.mktemp("queue") / "repo")
     run(root, "git", "add", "-A")
     run(root, "git", "commit", "-q", "-m", "baseline")
     names = [f"penalty-{int(p)}" for p in PENALTIES]

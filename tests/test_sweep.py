@@ -20,10 +20,9 @@ import pandas as pd
 import pytest
 import yaml
 from mlflow import MlflowClient
+from tinyrepo import copy_reproduced
 
-# One epoch per training stage: the test is about the orchestration, not accuracy.
-SHRINK = {"pretrain": {"epochs": 1}, "curriculum": {"epochs": 1}, "evaluate": {"latency_images": 4},
-          "sweep": {"workers": 2, "retries": 1, "grid": {"finetune.penalty": [1.0, 2.0]}}}
+SWEEP = {"workers": 2, "retries": 1, "grid": {"finetune.penalty": [1.0, 2.0]}}
 NAMES = ("sweep-penalty-1", "sweep-penalty-2")
 
 
@@ -40,14 +39,14 @@ def stage_runs(client: MlflowClient) -> list:
 
 
 @pytest.fixture(scope="module")
-def swept(flows, tmp_path_factory, isolated_env):
-    """A committed tiny project, reproduced; the sweep run twice. (root, client, first, second, runs before
-    the second run)."""
-    from tinyrepo import make_tiny_repo
-
+def swept(flows, tiny_reproduced, tmp_path_factory, isolated_env):
+    """A committed tiny project, reproduced, with ``SWEEP`` as its sweep; the sweep run twice. (root, client,
+    first, second, runs before the second run)."""
     from pipelines import sweep
 
-    root = make_tiny_repo(tmp_path_factory.mktemp("sweep") / "repo", overrides=SHRINK)
+    root = copy_reproduced(tiny_reproduced, tmp_path_factory.mktemp("sweep") / "repo")
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    (root / "params.yaml").write_text(yaml.safe_dump({**params, "sweep": SWEEP}, sort_keys=False))
     for var in ("BLOCKDROP_PARENT_RUN_ID", "DVC_EXP_NAME", "DVC_ROOT", "BLOCKDROP_ROOT", "BLOCKDROP_SWEEP"):
         isolated_env.delenv(var, raising=False)
     isolated_env.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
@@ -55,7 +54,7 @@ def swept(flows, tmp_path_factory, isolated_env):
         isolated_env.setenv(f"GIT_{who}_NAME", "test")
         isolated_env.setenv(f"GIT_{who}_EMAIL", "test@example.com")
     isolated_env.chdir(root)
-    sh(root, "dvc", "repro")
+    sh(root, "dvc", "repro")  # the report only: it reads params.yaml, whose sweep section just changed
     sh(root, "git", "add", "-A")
     sh(root, "git", "commit", "-q", "-m", "baseline")
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")

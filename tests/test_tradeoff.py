@@ -141,3 +141,16 @@ def test_load_reads_the_evaluate_outputs(tmp_path):
     _heuristics().to_csv(tmp_path / "heuristics_by_k.csv", index=False)
     e = Experiment.load("exp-a", {"finetune.penalty": 3.4}, tmp_path, "cifar10", 32)
     assert len(e.heuristics) == K and e.heuristics["firstk_flops"].iloc[-1] == pytest.approx(7e6 * K)
+
+
+def test_heuristics_at_a_settings_flops_are_interpolated_on_their_mean_curve():
+    """Penalty 8: mean FLOPs 6e7 lies between k = 8 (5.6e7) and k = 9 (6.3e7) on the curves, averaged over
+    seeds 0 and 1 (shifts 0 and 0.01); outside the curve's FLOPs there is no heuristic to compare with."""
+    table = settings_table(_sweep()).set_index("finetune.penalty")
+    k = 8 + (6e7 - 5.6e7) / 7e6
+    assert table.loc[8.0, "firstk_at_flops"] == pytest.approx(0.1 + 0.78 * k / K + 0.005)
+    assert table.loc[8.0, "randomk_at_flops"] == pytest.approx(0.1 + 0.7 * k / K + 0.005)
+    far = [Experiment("e", {"finetune.penalty": 1.0}, _metrics(0.9, 2e8, 15.0), _heuristics(), "fashion-mnist", 32)]
+    assert np.isnan(settings_table(far).loc[0, "firstk_at_flops"])
+    alone = [Experiment("e", {"finetune.penalty": 1.0}, _metrics(0.9, 6e7, 9.0), None, "fashion-mnist", 32)]
+    assert np.isnan(settings_table(alone).loc[0, "randomk_at_flops"])

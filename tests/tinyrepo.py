@@ -34,6 +34,10 @@ FALLBACK_TINY = {
 }
 
 
+# One epoch per training stage: for the tests about orchestration (DVC's queue, the sweep), not accuracy.
+SHRUNK_TINY = {"pretrain": {"epochs": 1}, "curriculum": {"epochs": 1}, "evaluate": {"latency_images": 4}}
+
+
 def merge(base: dict, over: dict) -> dict:
     out = copy.deepcopy(base)
     for key, value in over.items():
@@ -85,3 +89,10 @@ def make_tiny_repo(dst: Path, overrides: dict | None = None, repo: Path = REPO) 
 
 def tiny_params(root: Path) -> dict:
     return yaml.safe_load((root / "params.yaml").read_text())
+
+
+def copy_reproduced(src: Path, dst: Path) -> Path:
+    """A copy of a reproduced project (DVC's cache included) without its MLflow store, whose artifact paths
+    point into ``src``: runs in the copy start a store of their own."""
+    shutil.copytree(src, dst, symlinks=True, ignore=shutil.ignore_patterns("mlflow.db*", "mlartifacts"))
+    return dst
