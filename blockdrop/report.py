@@ -226,7 +226,8 @@ def _sweep_reading(table: pd.DataFrame, info: dict) -> str:
     n, experiments = len(table), int(table["seeds"].sum())
     full = table["full_accuracy_mean"].mean()
     text = (f"{n} settings ({experiments} experiments) of {', '.join(info.get('grid', {})) or 'the grid'}"
-            + (f", swept in {info['wall_seconds']:.0f} s of wall time" if "wall_seconds" in info else "")
+            + (f"; the sweep run that wrote this table ran {info['ran']} of them in {info['wall_seconds']:.0f} s"
+               if "ran" in info else "")
             + f", baseline commit {str(info.get('baseline', 'unknown'))[:7]}. Full backbone: {_pct(full)}.")
     keep = table[table["accuracy_mean"] >= full - 0.003].sort_values("flops_mean")
     if len(keep):
@@ -238,9 +239,9 @@ def _sweep_reading(table: pd.DataFrame, info: dict) -> str:
     margin = table[["firstk_at_flops", "randomk_at_flops"]].max(axis=1)
     known = margin.notna()
     if known.any():
-        above = int((table["accuracy_mean"][known] > margin[known]).sum())
-        text += (f" At equal FLOPs BlockDrop is above both FirstK and RandomK in {above} of {int(known.sum())} "
-                 f"settings (smallest margin {100 * (table['accuracy_mean'][known] - margin[known]).min():+.2f} points).")
+        lead = table["accuracy_mean"][known] - margin[known]
+        text += (f" At equal FLOPs BlockDrop is above both FirstK and RandomK in {int((lead > 0).sum())} of "
+                 f"{int(known.sum())} settings (smallest margin {100 * lead.min():+.2f} points).")
     return text
 
 

@@ -134,13 +134,12 @@ def _fmt(v) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 
-def _labels(table: pd.DataFrame, keys: list[str]) -> tuple[list[str], str]:
-    """Each setting named by the params that differ between settings ("penalty 3.4"), and what the legend
-    adds. With many settings of one param the points carry the bare value and the legend names the param."""
+def _series(table: pd.DataFrame, keys: list[str]) -> tuple[str | None, list[str]]:
+    """The grid key each BlockDrop line runs along (the first that varies, in grid order) and the keys that
+    split the settings into lines (the others that vary): a penalty x policy_pool sweep draws one line per
+    pool, its points joined in order of FLOPs and labelled by their penalty."""
     varying = [k for k in keys if table[k].astype(str).nunique() > 1]
-    if len(varying) == 1 and len(table) > 8:
-        return [_fmt(v) for v in table[varying[0]]], f", labelled by {_short(varying[0])}"
-    return [", ".join(f"{_short(k)} {_fmt(row[k])}" for k in varying) for _, row in table.iterrows()], ""
+    return (varying[0] if varying else None), varying[1:]
 
 
 def _heuristic_curves(members: list[Experiment], seed_key: str) -> pd.DataFrame | None:
@@ -157,21 +156,33 @@ def _heuristic_curves(members: list[Experiment], seed_key: str) -> pd.DataFrame 
     return joined.mean().join(joined.std(ddof=0), rsuffix="_std").reset_index()
 
 
-def _draw_blockdrop(ax, table: pd.DataFrame, labels: list[str], legend: str) -> None:
-    color, many = VARIANT_COLORS["blockdrop"], len(table) > 8
-    x, y = table["flops_mean"] / 1e9, 100 * table["accuracy_mean"]
-    ax.errorbar(x, y, xerr=table["flops_std"] / 1e9, yerr=100 * table["accuracy_std"], fmt="-o", ms=5 if many else 6,
-                lw=1.2, capsize=3, elinewidth=0.8, color=color, alpha=0.85, zorder=3,
-                label=f"BlockDrop{legend} (mean ± std over seeds)")
+SERIES_COLORS = (VARIANT_COLORS["blockdrop"], "#9467bd", "#8c564b", "#e377c2", "#ff7f0e", "#17becf")
+SERIES_MARKERS = ("o", "s", "^", "D", "v", "P")
+
+
+def _draw_blockdrop(ax, table: pd.DataFrame, keys: list[str]) -> None:
+    along, split = _series(table, keys)
+    groups = list(table.groupby(split, sort=True)) if split else [((), table)]
+    many = len(table) > 8
+    for i, (values, rows) in enumerate(groups):
+        values = values if isinstance(values, tuple) else (values,)
+        name = ", ".join(f"{_short(k)} {_fmt(v)}" for k, v in zip(split, values, strict=True))
+        color, marker = SERIES_COLORS[i % len(SERIES_COLORS)], SERIES_MARKERS[i % len(SERIES_MARKERS)]
+        x, y = rows["flops_mean"] / 1e9, 100 * rows["accuracy_mean"]  # rows stay in FLOPs order (the table's)
+        ax.errorbar(x, y, xerr=rows["flops_std"] / 1e9, yerr=100 * rows["accuracy_std"], fmt="-" + marker,
+                    ms=5 if many else 6, lw=1.2, capsize=3, elinewidth=0.8, color=color, alpha=0.85, zorder=3,
+                    label=f"BlockDrop{', ' + name if name else ''} (mean ± std over seeds)")
+        if along is None:
+            continue
+        # labels up-left and down-right of the points in turn, so neighbours along the line do not collide
+        for j, (xi, yi, v) in enumerate(zip(x, y, rows[along], strict=True)):
+            dx, dy, ha = (-7, 5, "right") if j % 2 == 0 else (7, -12, "left")
+            text = _fmt(v) if many else f"{_short(along)} {_fmt(v)}"
+            ax.annotate(text, (xi, yi), xytext=(dx, dy), textcoords="offset points", ha=ha,
+                        fontsize=8 if many else 9, color=color, zorder=6)
     front = table[table["pareto"]]
     ax.plot(front["flops_mean"] / 1e9, 100 * front["accuracy_mean"], "o:", ms=9 if many else 12, mfc="none",
             mec="black", mew=1.2, color="black", lw=1, label="Pareto front of the settings", zorder=4)
-    # labels up-left and down-right of the points in turn, so neighbours along the line do not collide
-    for i, (xi, yi, text) in enumerate(zip(x, y, labels, strict=True)):
-        if text:
-            dx, dy, ha = (-7, 5, "right") if i % 2 == 0 else (7, -12, "left")
-            ax.annotate(text, (xi, yi), xytext=(dx, dy), textcoords="offset points", ha=ha,
-                        fontsize=8 if many else 9, color=color, zorder=6)
 
 
 def _draw_backbones(ax, experiments: list[Experiment], seed_key: str) -> None:
@@ -207,10 +218,10 @@ def tradeoff_figure(experiments: list[Experiment], path: str | Path, title: str 
     """Accuracy (%) against GFLOPs per image: BlockDrop per setting (joined in order of FLOPs, Pareto front
     ringed), FirstK/RandomK curves and the full backbone per depth, and the published points that match."""
     table = settings_table(experiments, seed_key)
-    keys = [c for c in table.columns if c in {k for e in experiments for k in e.params}]
+    keys = [k for k in dict.fromkeys(k for e in experiments for k in e.params) if k in table.columns]  # grid order
     fig = Figure(figsize=(11, 6), layout="constrained")
     ax = fig.add_subplot()
-    _draw_blockdrop(ax, table, *_labels(table, keys))
+    _draw_blockdrop(ax, table, keys)
     _draw_backbones(ax, experiments, seed_key)
     references = reference_points(experiments)
     for label, acc, flops in references:
