@@ -57,6 +57,8 @@ sweep: install data  ## every setting of sweep.grid as a DVC experiment; reports
 	$(PY) -m pipelines.flow sweep $(ARGS)
 
 ui: install  ## MLflow UI on http://127.0.0.1:5000 (one worker) over this project's tracking store
+	@$(PY) -c 'from blockdrop import config, tracking; \
+	  print("runs table:", tracking.ui_address(config.load_params().tracking.experiment))'
 	mlflow ui --host 127.0.0.1 --port 5000 --workers 1 \
 	  --backend-store-uri "$$($(PY) -c 'from blockdrop.tracking import tracking_uri; print(tracking_uri())')"
 

@@ -51,7 +51,7 @@ _IMPORT_S = time.perf_counter() - _t_import
 
 from blockdrop.config import Params, params_sha256, select_params  # noqa: E402
 from blockdrop.files import atomic_write_text  # noqa: E402
-from blockdrop.lineage import dvc_md5, upstream_param_keys, upstream_stages  # noqa: E402  (dvc_md5 re-exported)
+from blockdrop.lineage import dvc_md5, stage_deps, upstream_param_keys, upstream_stages  # noqa: E402  (dvc_md5 public)
 
 __all__ = [
     "PARENT_ENV",
@@ -75,6 +75,7 @@ __all__ = [
     "set_version_tags",
     "stage_run",
     "tracking_uri",
+    "ui_address",
     "ui_links",
     "version_info",
 ]
@@ -85,6 +86,12 @@ UI = "http://127.0.0.1:5000"  # `make ui`
 TIMES_ENV = "BLOCKDROP_TRACKING_TIMES"  # a JSON-lines file: each stage appends the time its tracking took
 REACH_TIMEOUT_S = 3.0
 EPOCH_LOG_ATTEMPTS, EPOCH_LOG_BACKOFF_S = 4, 0.5  # 0.5 + 1 + 2 s of waiting before an epoch's point is dropped
+# The experiment's type, as the UI's type selector writes it ("Machine learning"; the other is "genai_development").
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+# mlflow 3.17's UI opens every experiment as a GenAI one (traces, token usage) unless the address asks otherwise.
+UI_VIEW = "workflowType=machine_learning"
+PREPARED = "data/prepared"  # the prepared splits, a DVC out: logged as the dataset input of each stage reading it
+TRAINING_STAGES = frozenset({"pretrain", "curriculum", "finetune"})  # their dataset context is "training"
 _log = logging.getLogger("blockdrop.tracking")
 
 
@@ -217,17 +224,20 @@ def _check_reachable(uri: str, timeout: float = REACH_TIMEOUT_S) -> None:
 
 
 def _experiment_id(client: MlflowClient, name: str, uri: str) -> str:
+    """The experiment ``name``, created if missing, marked as a model-training one (not GenAI)."""
     exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    try:
-        return client.create_experiment(name, artifact_location=_artifact_location(uri))
-    except MlflowException:
-        # Two stages racing to create it: the loser reads the winner's.
-        exp = client.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
+    if exp is None:
+        try:
+            return client.create_experiment(name, artifact_location=_artifact_location(uri),
+                                            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        except MlflowException:
+            # Two stages racing to create it: the loser reads the winner's.
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    if EXPERIMENT_KIND_TAG not in exp.tags:  # made before the tag existed; a kind chosen in the UI is kept
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return exp.experiment_id
 
 
 _PREPARED: set[str] = set()  # SQLite stores this process has already made safe for parallel writers
@@ -271,12 +281,16 @@ def _connect(params: Params) -> tuple[MlflowClient, str]:
 # --------------------------------------------------------------------------------------------- params
 
 
+def _dvc_yaml() -> Path:
+    """The dvc.yaml of the code being run (a temp copy may differ from the workspace), else the root's."""
+    return (_find_up(Path.cwd(), "dvc.yaml") or repo_root()) / "dvc.yaml"
+
+
 def _stage_params(stage: str, params: Params) -> tuple[dict[str, Any], list[str] | None, list[str]]:
     """The params that decided the stage's result: its own dvc.yaml keys and those of every stage upstream of
     it (evaluate's run carries finetune.penalty, pretrain.epochs, seed...), so one MLflow row holds a setting
     and its numbers; also those keys, and the upstream stages' names."""
-    # The dvc.yaml of the code being run (a temp copy may differ from the workspace), else the root's.
-    dvc_yaml = (_find_up(Path.cwd(), "dvc.yaml") or repo_root()) / "dvc.yaml"
+    dvc_yaml = _dvc_yaml()
     keys = upstream_param_keys(stage, dvc_yaml)
     return select_params(params, keys), keys, upstream_stages(stage, dvc_yaml)
 
@@ -508,6 +522,7 @@ def stage_run(stage: str, params: Params, data_sha256: str | None = None) -> Ite
         )
         run = StageRun(client, active.info.run_id, previous)
         _write_lease(stage, run.run_id)
+        _log_prepared_input(stage, params)
         if flat:
             client.log_batch(run.run_id, params=[Param(k, str(v)) for k, v in flat.items()])
     status = "FAILED"
@@ -523,6 +538,21 @@ def stage_run(stage: str, params: Params, data_sha256: str | None = None) -> Ite
         if status == "FINISHED":  # a failed run's lease stays: the rerun that resumes its state names it
             _lease_path(stage).unlink(missing_ok=True)
         _record_times(stage, time.perf_counter() - t0)
+
+
+def _log_prepared_input(stage: str, params: Params) -> None:
+    """Log the prepared splits as the active run's dataset input, if the stage reads them (a dvc.yaml dep),
+    with the md5 DVC records for them as the digest: the runs table's Datasets column names the data a run
+    saw. The md5 is of the files as they are now (~0.2 s for 55 MB), not dvc.lock's, which may be stale."""
+    folder = Path(PREPARED)  # where the stage reads them: relative to its working folder, as in blockdrop.stage
+    if PREPARED not in stage_deps(stage, _dvc_yaml()) or not folder.is_dir():
+        return
+    from mlflow.data.meta_dataset import MetaDataset  # mlflow.data is imported with mlflow: nothing more to load
+    from mlflow.data.sources import LocalArtifactDatasetSource
+
+    source = LocalArtifactDatasetSource(str(repo_root() / PREPARED))  # the workspace's, not a temp copy's
+    dataset = MetaDataset(source, name=f"{params.data.source} prepared", digest=dvc_md5(folder))
+    mlflow.log_input(dataset, context="training" if stage in TRAINING_STAGES else "eval")
 
 
 def _log_own_cost(run: StageRun) -> None:
@@ -619,6 +649,16 @@ def latest_stage_runs(stage: str, dvc_exps: Iterable[str]) -> dict[str, str]:
     return found
 
 
+def ui_address(experiment: str = "blockdrop", ui: str = UI) -> str:
+    """Where ``make ui`` sends a user: the experiment's runs table in the UI's model-training view.
+
+    mlflow 3.17's UI picks GenAI or model training per browser (GenAI unless switched) and does not read the
+    experiment's ``mlflow.experimentKind``; only the address's ``workflowType`` opens it on the runs.
+    """
+    exp = _client().get_experiment_by_name(experiment)
+    return f"{ui}/#/experiments/{exp.experiment_id}/runs?{UI_VIEW}" if exp else f"{ui}/#/experiments?{UI_VIEW}"
+
+
 def ui_links(parent_run_id: str, run_ids: list[str], ui: str = UI) -> dict[str, str]:
     """Addresses in the MLflow UI (``make ui``): the parent run, and the compare view of ``run_ids``."""
     experiment_id = _client().get_run(parent_run_id).info.experiment_id
@@ -626,8 +666,8 @@ def ui_links(parent_run_id: str, run_ids: list[str], ui: str = UI) -> dict[str, 
     def quoted(ids: list[str]) -> str:
         return urllib.parse.quote(json.dumps(ids, separators=(",", ":")))
 
-    return {"parent": f"{ui}/#/experiments/{experiment_id}/runs/{parent_run_id}",
-            "compare": f"{ui}/#/compare-runs?runs={quoted(run_ids)}&experiments={quoted([experiment_id])}"}
+    return {"parent": f"{ui}/#/experiments/{experiment_id}/runs/{parent_run_id}?{UI_VIEW}",
+            "compare": f"{ui}/#/compare-runs?runs={quoted(run_ids)}&experiments={quoted([experiment_id])}&{UI_VIEW}"}
 
 
 def latest_version(name: str) -> int | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import socket
 import subprocess
@@ -21,12 +22,14 @@ DVC_YAML = {
     "stages": {
         "pretrain": {
             "cmd": "python -m pipelines.pretrain",
+            "deps": ["data/prepared"],
             "params": ["seed", "model", "pretrain.epochs", {"params.yaml": ["pretrain.lr"]}],
             "outs": ["models/backbone.pt"],
         },
         "finetune": {"cmd": "true", "deps": ["models/backbone.pt"], "params": ["finetune.penalty"],
                      "outs": ["models/blockdrop.pt"]},
-        "evaluate": {"cmd": "true", "deps": ["models/blockdrop.pt"], "params": ["evaluate.batch_size"]},
+        "evaluate": {"cmd": "true", "deps": ["models/blockdrop.pt", "data/prepared"],
+                     "params": ["evaluate.batch_size"]},
         "bare": {"cmd": "true"},
     }
 }
@@ -113,6 +116,48 @@ def test_a_stage_run_carries_the_params_of_every_stage_upstream(store: MlflowCli
     assert set(got.tags["params_from"].split(",")) == {"pretrain", "finetune", "evaluate"}
     keys = ["seed", "model", "pretrain.epochs", "pretrain.lr", "finetune.penalty", "evaluate.batch_size"]
     assert got.tags["params_sha256"] == params_sha256(params, keys)
+
+
+def test_a_stage_run_logs_the_prepared_splits_it_reads_as_its_dataset(store: MlflowClient, tmp_path: Path) -> None:
+    _write("data/prepared/meta.json", '{"source": "fashion-mnist"}')
+    _write("data/prepared/train.pt", "tensors")
+    runs = {}
+    for stage in ("pretrain", "evaluate", "bare"):  # bare lists no deps: it reads no data
+        with tracking.stage_run(stage, Params()) as run:
+            pass
+        runs[stage] = store.get_run(run.run_id).inputs.dataset_inputs
+    listing = [{"md5": hashlib.md5(b'{"source": "fashion-mnist"}').hexdigest(), "relpath": "meta.json"},
+               {"md5": hashlib.md5(b"tensors").hexdigest(), "relpath": "train.pt"}]
+    md5 = hashlib.md5(json.dumps(listing, sort_keys=True).encode()).hexdigest() + ".dir"  # DVC 3's folder md5
+    for stage, context in (("pretrain", "training"), ("evaluate", "eval")):
+        (logged,) = runs[stage]
+        assert (logged.dataset.name, logged.dataset.digest) == ("fashion-mnist prepared", md5)
+        assert {t.key: t.value for t in logged.tags} == {"mlflow.data.context": context}
+        assert logged.dataset.source_type == "local"
+        assert json.loads(logged.dataset.source) == {"uri": str(tmp_path / "data" / "prepared")}
+    assert runs["bare"] == []
+
+    _write("data/prepared/train.pt", "other tensors")  # new data, same name: the digest tells them apart
+    with tracking.stage_run("pretrain", Params()) as run:
+        pass
+    (logged,) = store.get_run(run.run_id).inputs.dataset_inputs
+    assert logged.dataset.digest not in (md5, None) and logged.dataset.digest == tracking.dvc_md5("data/prepared")
+
+
+def test_the_experiment_is_marked_as_model_training(store: MlflowClient) -> None:
+    # mlflow.experimentKind is what the UI's experiment-type selector writes; "custom_model_development" is its
+    # "Machine learning" (model training) kind, "genai_development" the GenAI one.
+    made_before = store.create_experiment("older")  # an experiment from before the tag: marked by the next run
+    chosen = store.create_experiment("chosen", tags={"mlflow.experimentKind": "genai_development"})
+    ids = {}
+    for name in ("blockdrop", "older", "chosen"):
+        with tracking.stage_run("bare", Params(tracking={"experiment": name})) as run:
+            pass
+        ids[name] = store.get_run(run.run_id).info.experiment_id
+    kinds = {name: store.get_experiment(i).tags.get("mlflow.experimentKind") for name, i in ids.items()}
+    assert kinds == {"blockdrop": "custom_model_development", "older": "custom_model_development",
+                     "chosen": "genai_development"}  # a kind someone chose in the UI is kept
+    assert (ids["older"], ids["chosen"]) == (made_before, chosen)
 
 
 def test_all_params_without_a_stage_entry(store: MlflowClient) -> None:
