@@ -59,7 +59,10 @@ def test_upstream_stages_follow_the_outs_into_the_deps() -> None:
     assert lineage.upstream_stages("curriculum", dvc_yaml) == ["prepare", "pretrain"]
     assert lineage.upstream_stages("evaluate", dvc_yaml) == ["prepare", "pretrain", "curriculum", "finetune"]
     keys = lineage.upstream_param_keys("curriculum", dvc_yaml)
-    assert {"seed", "data", "model", "pretrain", "curriculum"} <= set(keys) and "finetune" not in keys
+    assert {"seed", "data", "model.depth", "model.weights", "model.policy_pool", "pretrain", "curriculum"} <= set(keys)
+    assert "finetune" not in keys
+    # the backbone depends on the backbone's model keys only: a policy sweep must not retrain it
+    assert "model.policy_pool" not in lineage.upstream_param_keys("pretrain", dvc_yaml)
     assert lineage.upstream_param_keys("report", dvc_yaml) is None  # `params.yaml:` alone: every key
 
 
