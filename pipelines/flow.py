@@ -107,13 +107,15 @@ def dag_order(root: Path) -> list[str]:
         return [stage.addressing for stage in plan_repro(repo.index.graph)]
 
 
-def _stage_env() -> dict[str, str]:
+def _stage_env(supervised: bool = True) -> dict[str, str]:
     """The flow's environment (with the parent run id) plus this interpreter's bin first on PATH, so a
-    stage's ``python`` is the one running the flow."""
+    stage's ``python`` is the one running the flow. ``supervised``: the stage stops itself if this process
+    dies (not for DVC's queue workers, which outlive the sweep's process by design)."""
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.setdefault("PYTHONUNBUFFERED", "1")
-    env[SUPERVISOR_ENV] = str(os.getpid())  # the stage stops itself if this process dies
+    if supervised:
+        env[SUPERVISOR_ENV] = str(os.getpid())
     return env
 
 

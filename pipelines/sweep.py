@@ -27,7 +27,6 @@ from __future__ import annotations
 import io
 import itertools
 import json
-import os
 import re
 import subprocess
 import sys
@@ -100,8 +99,10 @@ def parse_set(items: list[str]) -> dict[str, list[Any]]:
 
 
 def _env(parent_run_id: str | None = None, sweep: str | None = None) -> dict[str, str]:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    env.setdefault("PYTHONUNBUFFERED", "1")
+    """The flow's stage environment, unsupervised, naming this sweep's parent run (or none) and no experiment."""
+    from pipelines.flow import _stage_env
+
+    env = _stage_env(supervised=False)
     for var in ("DVC_EXP_NAME", "DVC_ROOT", tracking.PARENT_ENV, tracking.SWEEP_ENV):
         env.pop(var, None)
     if parent_run_id:
