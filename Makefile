@@ -13,7 +13,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DVC_NO_ANALYTICS := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help install data repro test test-slow lint plots ui flow retrain schedule sweep browser
+.PHONY: help install data repro test test-slow lint plots ui serve flow retrain schedule sweep browser
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -43,6 +43,9 @@ test-slow: install  ## run only the slow tests
 
 lint: install  ## ruff
 	ruff check .
+
+serve: install  ## serve the registered champion on http://127.0.0.1:5001/invocations (mlflow models serve, 1 worker)
+	$(PY) -m pipelines.serve $(ARGS)
 
 flow: install data  ## run the pipeline once as a Prefect flow (a task per DVC stage, one parent MLflow run)
 	$(PY) -m pipelines.flow run

@@ -59,6 +59,7 @@ __all__ = [
     "TIMES_ENV",
     "StageRun",
     "TrackingUnavailable",
+    "describe_version",
     "download_run_file",
     "dvc_md5",
     "find_version",
@@ -601,31 +602,51 @@ def registry_name(dataset: str, depth: int) -> str:
     return f"blockdrop-{dataset}-resnet{depth}"
 
 
-def log_blockdrop_model(model: Any, input_example: Any, registered_name: str,
-                        version_tags: Mapping[str, Any] | None = None, **kwargs: Any) -> int:
-    """Log ``model`` to the active run, register it, tag the new version with ``version_tags`` (e.g.
-    ``dvc_md5``, the md5 DVC records for the checkpoint it was built from), and only then point the alias
-    ``challenger`` at it, so a version an alias names always carries its tags.
+SERVING_PINS = ("mlflow", "torch", "torchvision", "numpy", "pandas", "pydantic", "PyYAML", "psutil", "tqdm",
+                "cloudpickle")  # what blockdrop.serving imports, at the versions it was logged with
 
-    Pickle, not mlflow 3's default "pt2" (torch.export): BlockDrop skips blocks per image, data-dependent
-    control flow that export cannot trace, and export fixes the batch size to the example's when it is 1.
+
+def log_blockdrop_model(checkpoint: str | Path, spec: Mapping[str, Any], input_example: Any, registered_name: str,
+                        version_tags: Mapping[str, Any] | None = None, description: str | None = None) -> int:
+    """Log the self-contained pyfunc of :mod:`blockdrop.serving` to the active run: the weights-only
+    ``checkpoint`` and ``spec`` (:func:`blockdrop.serving.model_spec`) as artifacts, this library as
+    ``code_paths``, a signature taken from ``input_example`` (raw uint8 images) and the model's answer to it.
+    Register it, describe and tag the new version with ``version_tags`` (e.g. ``dvc_md5``, the md5 DVC records
+    for the checkpoint), and only then point the alias ``challenger`` at it, so a version an alias names
+    always carries its tags.
+
     Pinned requirements skip MLflow's slow requirement inference and make serving match training.
-    Extra ``kwargs`` go to ``mlflow.pytorch.log_model`` (e.g. ``code_paths=["blockdrop"]``, so the
-    pickled classes import where the model is served).
     """
     with _clock(model=True):
-        import mlflow.pytorch
+        import tempfile
 
-        pins = [f"{pkg}=={version(pkg)}" for pkg in ("torch", "torchvision", "numpy", "cloudpickle")]
-        kwargs = {"serialization_format": "pickle", "pip_requirements": pins} | kwargs
-        info = mlflow.pytorch.log_model(
-            model, name="model", input_example=input_example, registered_model_name=registered_name, **kwargs
-        )
+        import mlflow.pyfunc
+        from mlflow.models import infer_signature
+
+        from blockdrop import serving
+        from blockdrop.models import load_blockdrop
+
+        local = serving.BlockDropClassifier()
+        local.setup(dict(spec), *load_blockdrop(checkpoint))
+        signature = infer_signature(input_example, local.predict(None, input_example))
+        pins = [f"{pkg}=={version(pkg)}" for pkg in SERVING_PINS]
+        with tempfile.TemporaryDirectory(prefix="blockdrop-model-") as tmp:
+            spec_file = Path(tmp) / serving.SPEC_FILE
+            spec_file.write_text(json.dumps(spec, indent=2))
+            info = mlflow.pyfunc.log_model(
+                name="model", python_model=serving.BlockDropClassifier(),
+                artifacts={"weights": str(checkpoint), "spec": str(spec_file)},
+                code_paths=[str(Path(serving.__file__).parent)], signature=signature, input_example=input_example,
+                pip_requirements=pins, registered_model_name=registered_name,
+            )
         client = MlflowClient()
+        registered = info.registered_model_version
+        if description:
+            client.update_model_version(registered_name, registered, description=description)
         for key, value in (version_tags or {}).items():
-            client.set_model_version_tag(registered_name, info.registered_model_version, key, str(value))
-        client.set_registered_model_alias(registered_name, "challenger", info.registered_model_version)
-        return int(info.registered_model_version)
+            client.set_model_version_tag(registered_name, registered, key, str(value))
+        client.set_registered_model_alias(registered_name, "challenger", registered)
+        return int(registered)
 
 
 def _client() -> MlflowClient:
@@ -730,11 +751,16 @@ def set_alias(name: str, alias: str, version: int) -> None:
 
 
 def load_registered_model(name: str, version: int | str) -> Any:
-    """The PyTorch model of ``name`` at ``version`` (a number, or an alias such as ``"champion"``)."""
-    import mlflow.pytorch
+    """The pyfunc of ``name`` at ``version`` (a number, or an alias such as ``"champion"``)."""
+    import mlflow.pyfunc
 
     ref = f"models:/{name}/{version}" if str(version).isdigit() else f"models:/{name}@{version}"
     uri = tracking_uri()
     _check_reachable(uri)
     mlflow.set_tracking_uri(uri)
-    return mlflow.pytorch.load_model(ref, map_location="cpu")
+    return mlflow.pyfunc.load_model(ref)
+
+
+def describe_version(name: str, version: int | str, description: str) -> None:
+    """Replace the description of one registered version (evaluate writes the test split's numbers)."""
+    _client().update_model_version(name, str(version), description=description)

@@ -49,6 +49,9 @@ def main() -> None:
                 m = metrics[name]
                 log.info("%-9s accuracy %.4f  blocks %5.2f +- %.2f  FLOPs %.3g", name, m["accuracy"],
                          m["blocks_mean"], m["blocks_std"], m["flops_mean"])
+            saved = metrics["blockdrop"]["flops_saved"]
+            log.info("FLOPs saved per image: mean %.1f%%, median %.1f%%, 5th-95th percentile %.1f-%.1f%%, max %.1f%%",
+                     *(100 * saved[k] for k in ("mean", "median", "p5", "p95", "max")))
             log.info("speedup: FLOPs %.2fx, measured at batch 1 %.2fx (%.2f ms -> %.2f ms, median of %d, "
                      "threads: %d)", metrics["speedup"]["flops_ratio"], latency["speedup"], latency["full_ms"],
                      latency["blockdrop_ms"], latency["images"], latency["threads"])
@@ -66,10 +69,16 @@ def main() -> None:
                 name = tracking.registry_name(meta.source, backbone.depth)
                 version = tracking.find_version(name, "dvc_md5", tracking.dvc_md5(MODEL))
                 if version is not None:
+                    bd = metrics["blockdrop"]
                     tracking.set_version_tags(name, version, {
-                        "test_accuracy": metrics["blockdrop"]["accuracy"],
-                        "flops_mean": metrics["blockdrop"]["flops_mean"], "evaluate_run_id": run.run_id})
-                    log.info("tagged %s version %d with its test accuracy and mean FLOPs", name, version)
+                        "test_accuracy": bd["accuracy"], "flops_mean": bd["flops_mean"], "evaluate_run_id": run.run_id})
+                    from blockdrop import serving  # here: it only describes the MLflow model
+
+                    spec = serving.model_spec(meta.source, meta.classes, meta.shape, meta.mean, meta.std,
+                                              backbone.cpu(), policy_net.cpu())
+                    tracking.describe_version(name, version, serving.describe(
+                        spec, "test", bd["accuracy"], bd["blocks_mean"], bd["flops_mean"]))
+                    log.info("tagged and described %s version %d with its test numbers", name, version)
 
 
 if __name__ == "__main__":

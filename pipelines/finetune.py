@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 
 from blockdrop import stage, tracking
-from blockdrop.data import Normalize, load_split
-from blockdrop.models import BlockDropNet, load_backbone, load_policy, save_blockdrop
+from blockdrop.data import load_split
+from blockdrop.models import load_backbone, load_policy, save_blockdrop
 from blockdrop.train.finetune import finetune_jointly
 
 BACKBONE = Path("models/backbone.pt")
@@ -43,16 +43,23 @@ def main() -> None:
             save_blockdrop(backbone.cpu(), policy_net.cpu(), MODEL)
             stage.publish(run, REPORTS, history, metrics, [MODEL])
             if p.tracking.log_model:
-                # The served form: normalised images in, logits out; the example is one test image.
-                net = BlockDropNet(backbone.cpu(), policy_net.cpu()).eval()
-                cpu = Normalize(meta.mean, meta.std, torch.device("cpu"))
-                example = cpu(load_split(stage.DATA_DIR, "test").images[:1]).contiguous().numpy()
+                # The served form (blockdrop.serving): raw uint8 images in, class, probabilities, policy and
+                # FLOPs out; this checkpoint as its weights; the example is two raw test images.
+                from blockdrop import serving  # here: it only builds the MLflow model, no DVC out depends on it
+
+                backbone, policy_net = backbone.cpu(), policy_net.cpu()
+                spec = serving.model_spec(meta.source, meta.classes, meta.shape, meta.mean, meta.std, backbone,
+                                          policy_net)
+                example = load_split(stage.DATA_DIR, "test").images[:2].cpu().numpy()
+                example = example[:, 0] if example.shape[1] == 1 else example  # (N, H, W) for one channel
                 name = tracking.registry_name(meta.source, backbone.depth)
                 t0 = time.perf_counter()
-                # The weights-only checkpoint beside the pickled model: promotion loads this one, after
-                # checking its md5 against the version's dvc_md5 tag (it never unpickles the MLflow model).
+                # The checkpoint also as a run artifact: promotion loads it after checking its md5 against
+                # the version's dvc_md5 tag.
                 run.log_artifacts([MODEL])
-                version = tracking.log_blockdrop_model(net, example, name, version_tags=run.lineage_tags(MODEL))
+                version = tracking.log_blockdrop_model(
+                    MODEL, spec, example, name, version_tags=run.lineage_tags(MODEL),
+                    description=serving.describe(spec, "validation", last["val/accuracy"], last["val/blocks_mean"]))
                 log.info("registered %s version %d (alias challenger) in %.1f s", name, version,
                          time.perf_counter() - t0)
             ctx.clear_state()

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from blockdrop.analysis import (
     FIGURES,
@@ -23,6 +24,7 @@ from blockdrop.analysis import (
     top_policies_per_class,
 )
 from blockdrop.config import Analyze, Params
+from blockdrop.evaluation import flops_saved_summary
 from blockdrop.report import PAPER_ROW, build_report, write_report
 
 CLASSES = ["T-shirt", "Trouser", "Pullover", "Dress", "Coat"]
@@ -51,9 +53,11 @@ def fabricate(root: Path, n: int = 400, k: int = 15, classes: list[str] = CLASSE
     correct = rng.random(n) < np.clip(confidence + 0.02, 0, 1)
     predicted = np.where(correct, labels, (labels + 1) % c)
     flops = 2.5e7 + 7.5e6 * blocks
+    full_flops = 7.5e6 * k + 1e6
     per_image = pd.DataFrame({
         "index": np.arange(n), "label": labels, "predicted": predicted, "correct": correct, "blocks": blocks,
-        "flops": flops, "policy": ["".join("1" if a else "0" for a in row) for row in actions],
+        "flops": flops, "flops_saved": 1 - flops / full_flops,
+        "policy": ["".join("1" if a else "0" for a in row) for row in actions],
         "full_correct": full_correct, "full_confidence": confidence, "full_loss": -np.log(confidence),
     })
     (root / "data/evaluate").mkdir(parents=True, exist_ok=True)
@@ -63,12 +67,12 @@ def fabricate(root: Path, n: int = 400, k: int = 15, classes: list[str] = CLASSE
         return {"accuracy": acc, "blocks_mean": b, "blocks_std": bstd, "block_fraction": b / k,
                 "flops_mean": f, "flops_std": fstd}
 
-    full_flops = 7.5e6 * k + 1e6
     metrics = {
         "num_blocks": k,
         "full": variant(float(full_correct.mean()), k, 0.0, full_flops, 0.0),
         "blockdrop": {**variant(float(correct.mean()), float(blocks.mean()), float(blocks.std()), float(flops.mean()),
-                                float(flops.std())), "unique_policies": int(per_image["policy"].nunique())},
+                                float(flops.std())), "unique_policies": int(per_image["policy"].nunique()),
+                      "flops_saved": flops_saved_summary(torch.from_numpy(flops), full_flops)},
         "firstk": variant(0.31, round(blocks.mean()), 0.0, 7.5e6 * round(blocks.mean()) + 1e6, 0.0),
         "randomk": variant(0.42, round(blocks.mean()), 0.0, 7.5e6 * round(blocks.mean()) + 1e6, 2e5),
         "speedup": {"flops_ratio": full_flops / float(flops.mean()), "measured_batch1": 1.37},
@@ -234,3 +238,6 @@ def test_report_embeds_figures_and_has_table(analyzed):
     for row in ("| Full ResNet", "| BlockDrop", "| FirstK", "| RandomK", PAPER_ROW["name"]):
         assert row in md_text
     assert "93.6" in md_text and "469" in md_text
+    saved = json.loads((root / "reports/evaluate/metrics.json").read_text())["blockdrop"]["flops_saved"]
+    assert (f"saves {100 * saved['mean']:.1f}% of the full backbone's FLOPs on average (median "
+            f"{100 * saved['median']:.1f}%") in md_text

@@ -8,7 +8,13 @@ import pandas as pd
 import pytest
 import torch
 
-from blockdrop.evaluation import firstk_actions, per_class_table, randomk_actions, variant_metrics
+from blockdrop.evaluation import (
+    firstk_actions,
+    flops_saved_summary,
+    per_class_table,
+    randomk_actions,
+    variant_metrics,
+)
 
 
 def test_firstk_actions() -> None:
@@ -94,3 +100,11 @@ def test_heuristic_curves_at_every_k_run_the_pretrained_backbone() -> None:
     assert curves["firstk_accuracy"].iloc[-1] == full == curves["randomk_accuracy"].iloc[-1]
     first2 = predict(model, test, norm, policy_fn=lambda x: firstk_actions(len(x), 6, 2))
     assert curves["firstk_accuracy"].iloc[1] == (first2.argmax(1) == test.labels).double().mean().item()
+
+
+def test_flops_saved_summary_is_the_distribution_of_per_image_savings() -> None:
+    # 101 images costing 0..100 FLOPs against a full backbone of 100: image i saves (100 - i)%
+    summary = flops_saved_summary(torch.arange(101.0), 100.0)
+    assert summary == pytest.approx({"mean": 0.5, "median": 0.5, "p5": 0.05, "p95": 0.95, "min": 0.0, "max": 1.0})
+    # an image running every block still pays for the policy network: it saves a negative amount
+    assert flops_saved_summary(torch.tensor([110.0, 50.0]), 100.0)["min"] == pytest.approx(-0.1)

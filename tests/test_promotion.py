@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from mlflow import MlflowClient
@@ -75,24 +74,38 @@ def store(mlflow_project: str) -> MlflowClient:
     return MlflowClient(mlflow_project)
 
 
+def _log(net: BlockDropNet, name: str, version_tags: dict | None = None) -> int:
+    """Log ``net`` as finetune does: its weights-only checkpoint ``models/blockdrop.pt`` inside the pyfunc."""
+    from pathlib import Path
+
+    from blockdrop import serving
+    from blockdrop.models import save_blockdrop
+
+    ckpt = Path("models/blockdrop.pt")
+    save_blockdrop(net.backbone, net.policy_net, ckpt)
+    spec = serving.model_spec("fashion-mnist", [f"class {c}" for c in range(10)], [1, 28, 28], [0.5], [0.25],
+                              net.backbone, net.policy_net)
+    return tracking.log_blockdrop_model(ckpt, spec, _split(2)[0].images[:, 0].numpy(), name,
+                                        version_tags=version_tags)
+
+
 def test_registry_helpers_round_trip_a_blockdrop_net(store: MlflowClient) -> None:
     name = "blockdrop-test-resnet20"
     assert tracking.latest_version(name) is None and tracking.get_alias_version(name, "champion") is None
     net, (split, normalize) = _net(), _split(4)
-    example = normalize(split.images[:1]).numpy().astype(np.float32)
     with tracking.stage_run("finetune", Params()):
-        v1 = tracking.log_blockdrop_model(net, example, name)
-        v2 = tracking.log_blockdrop_model(_net(1), example, name)
+        v1 = _log(net, name)
+        v2 = _log(_net(1), name)
     assert (v1, v2) == (1, 2) and tracking.latest_version(name) == 2
     assert tracking.get_alias_version(name, "challenger") == 2
     tracking.set_alias(name, "champion", 1)
     assert tracking.get_alias_version(name, "champion") == 1
-    loaded = tracking.load_registered_model(name, "champion")
-    assert isinstance(loaded, BlockDropNet)
-    with torch.no_grad():
-        x = normalize(split.images)
-        torch.testing.assert_close(loaded(x), net(x))
-    assert score_model(tracking.load_registered_model(name, 1), split, normalize) == score_model(net, split, normalize)
+    # the champion's pyfunc takes the raw images and answers what the network it was logged from answers
+    answer = tracking.load_registered_model(name, "champion").predict(split.images[:, 0].numpy())
+    logits, actions = run_policy(net.backbone, net.policy_net, split, normalize)
+    assert answer["class_index"].tolist() == logits.argmax(1).tolist()
+    assert answer["policy"].tolist() == ["".join(str(int(a)) for a in row) for row in actions.tolist()]
+    assert answer["class_name"].tolist() == [f"class {c}" for c in logits.argmax(1).tolist()]
 
 
 def test_flow_and_tracking_params() -> None:
@@ -132,13 +145,12 @@ def _register(seed: int) -> tuple[int, str, BlockDropNet]:
 
     from blockdrop.models import save_blockdrop
 
-    net, (split, normalize) = _net(seed), _split(2)
+    net = _net(seed)
     ckpt = Path("models/blockdrop.pt")
     save_blockdrop(net.backbone, net.policy_net, ckpt)
-    example = normalize(split.images[:1]).numpy().astype(np.float32)
     with tracking.stage_run("finetune", Params()) as run:
         run.log_artifacts([ckpt])
-        version = tracking.log_blockdrop_model(net, example, MODEL, version_tags=run.lineage_tags(ckpt))
+        version = _log(net, MODEL, version_tags=run.lineage_tags(ckpt))
     return version, tracking.dvc_md5(ckpt), net
 
 

@@ -285,19 +285,30 @@ def test_registry_name() -> None:
     assert tracking.registry_name("fashion-mnist", 32) == "blockdrop-fashion-mnist-resnet32"
 
 
-def test_log_blockdrop_model(store: MlflowClient) -> None:
+def test_log_blockdrop_model(store: MlflowClient, tmp_path: Path) -> None:
     np = pytest.importorskip("numpy")
-    torch = pytest.importorskip("torch")
     import mlflow.pyfunc
-    import mlflow.pytorch
 
-    model = torch.nn.Linear(4, 2).eval()
+    from blockdrop import serving
+    from blockdrop.models import cifar_resnet, policy_resnet8, save_blockdrop
+
+    backbone, policy = cifar_resnet(8, 3, 1).eval(), policy_resnet8(3, 1).eval()
+    ckpt = tmp_path / "blockdrop.pt"
+    save_blockdrop(backbone, policy, ckpt)
+    spec = serving.model_spec("fashion-mnist", ["a", "b", "c"], [1, 28, 28], [0.5], [0.25], backbone, policy)
+    example = np.zeros((2, 28, 28), np.uint8)
     with tracking.stage_run("finetune", Params()):
-        v1 = tracking.log_blockdrop_model(model, np.zeros((1, 4), np.float32), "blockdrop-test")
-        v2 = tracking.log_blockdrop_model(model, np.zeros((1, 4), np.float32), "blockdrop-test")
+        v1 = tracking.log_blockdrop_model(ckpt, spec, example, "blockdrop-test", description="first")
+        v2 = tracking.log_blockdrop_model(ckpt, spec, example, "blockdrop-test", version_tags={"dvc_md5": "x"})
     assert (v1, v2) == (1, 2)
     assert int(store.get_model_version_by_alias("blockdrop-test", "challenger").version) == 2
-    loaded = mlflow.pytorch.load_model("models:/blockdrop-test@challenger")
-    assert torch.equal(loaded(torch.ones(3, 4)), model(torch.ones(3, 4)))
+    assert store.get_model_version("blockdrop-test", "1").description == "first"
+    assert store.get_model_version("blockdrop-test", "2").tags["dvc_md5"] == "x"
+    tracking.describe_version("blockdrop-test", 1, "second")
+    assert store.get_model_version("blockdrop-test", "1").description == "second"
+    loaded = mlflow.pyfunc.load_model("models:/blockdrop-test@challenger")
+    answer = loaded.predict(np.full((3, 28, 28), 7, np.uint8))
+    assert len(answer) == 3 and set(answer["class_name"]) <= {"a", "b", "c"}
     reqs = Path(mlflow.pyfunc.get_model_dependencies("models:/blockdrop-test/2")).read_text()
     assert f"torch=={version('torch')}" in reqs.split()
+

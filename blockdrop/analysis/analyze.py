@@ -30,6 +30,7 @@ CLASSES_PER_PAGE = 10
 # figure key -> file name; the report stage reads this to know what to embed and in which order
 FIGURES = {
     "accuracy_flops": "accuracy_flops.png",
+    "flops_saved": "flops_saved.png",
     "training_curves": "training_curves.png",
     "policies_top": "policies_top.png",
     "policies_by_class": "policies_by_class.png",
@@ -39,7 +40,7 @@ FIGURES = {
     "extremes": "extremes.png",
     "policy_embedding": "policy_embedding.png",
 }
-RUN_FIGURES = ("accuracy_flops", "training_curves")  # need the evaluate metrics / the histories
+RUN_FIGURES = ("accuracy_flops", "flops_saved", "training_curves")  # need the evaluate metrics / the histories
 
 
 def read_history(path: str | Path) -> pd.DataFrame | None:
@@ -145,6 +146,9 @@ def run_analysis(
         atomic_write_text(out_dir / "accuracy_flops.csv", points.to_csv(index=False, float_format="%.6g"))
         written.append(out_dir / "accuracy_flops.csv")
         written.append(figures.accuracy_flops(points, fig_dir / FIGURES["accuracy_flops"], dpi))
+        if "flops_saved" in per_image and "flops_saved" in evaluate_metrics.get("blockdrop", {}):
+            written.append(figures.flops_saved_histogram(per_image, evaluate_metrics["blockdrop"]["flops_saved"],
+                                                         fig_dir / FIGURES["flops_saved"], dpi))
 
     write_json(out_dir / "metrics.json", metrics)
     written.append(out_dir / "metrics.json")

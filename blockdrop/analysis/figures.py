@@ -458,3 +458,21 @@ def accuracy_flops(points: pd.DataFrame, path: str | Path, dpi: int = 150) -> Pa
     ax.legend(loc="lower right")
     ax.grid(alpha=0.3)
     return _save(fig, path, dpi)
+
+
+@_styled
+def flops_saved_histogram(per_image: pd.DataFrame, summary: dict[str, float], path: str | Path, dpi: int = 150
+                          ) -> Path:
+    """How much of the full backbone's FLOPs each test image saves under BlockDrop (policy network paid)."""
+    fig = Figure(figsize=(8, 4.6), layout="constrained")
+    ax = fig.add_subplot()
+    saved = 100 * per_image["flops_saved"].to_numpy()
+    ax.hist(saved, bins=40, color=VARIANT_COLORS["blockdrop"], alpha=0.85)
+    for key, ls in (("mean", "-"), ("p5", ":"), ("p95", ":")):
+        ax.axvline(100 * summary[key], color="#222", ls=ls, lw=1.2)
+    ax.set_xlabel("FLOPs saved against the full backbone (% of its FLOPs, per test image)")
+    ax.set_ylabel("test images")
+    ax.set_title(f"Per-image savings: mean {100 * summary['mean']:.1f}% (line), 5th-95th percentile "
+                 f"{100 * summary['p5']:.1f}-{100 * summary['p95']:.1f}% (dotted), max {100 * summary['max']:.1f}%")
+    ax.grid(alpha=0.3)
+    return _save(fig, path, dpi)

@@ -1,0 +1,262 @@
+"""The registered model is self-contained, refuses tampered weights, and serves over HTTP.
+
+The model comes from the tiny project reproduced once per session (``tiny_reproduced``): its finetune stage
+logged and registered it exactly as ``dvc repro`` does, and its evaluate stage wrote the per-image classes and
+policies the served model must reproduce. Loading happens in a separate interpreter from which the repository
+is removed (its path and the editable install's finder), so only the model's own ``code/`` can supply
+``blockdrop``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from mlflow.exceptions import MlflowException
+from tinyrepo import tiny_params
+
+from blockdrop import serving, tracking
+from blockdrop.flops import FlopTable
+
+# Runs in a fresh interpreter: forget the repository, prove blockdrop is gone, then load and predict.
+PROBE = r"""
+import importlib.util, json, sys
+sys.path[:] = [p for p in sys.path if p not in ("", REPO)]
+sys.meta_path[:] = [f for f in sys.meta_path
+                    if "__editable__" not in getattr(f, "__module__", "") + getattr(type(f), "__module__", "")]
+assert importlib.util.find_spec("blockdrop") is None, "the repository is still importable"
+import mlflow.pyfunc, numpy as np
+model = mlflow.pyfunc.load_model(sys.argv[1])
+import blockdrop
+out = model.predict(np.load(sys.argv[2]))
+print(json.dumps({"blockdrop": blockdrop.__file__, "classes": out["class_index"].tolist(),
+                  "names": out["class_name"].tolist(), "policies": out["policy"].tolist(),
+                  "flops": out["flops"].tolist(), "signature": str(model.metadata.signature.inputs)}))
+"""
+
+
+@pytest.fixture(scope="module")
+def served(tiny_reproduced: Path) -> dict:
+    """The tiny project's registered model: its name, tracking URI, raw test images and evaluate's answers."""
+    p = tiny_params(tiny_reproduced)
+    test = torch.load(tiny_reproduced / "data/prepared/test.pt", weights_only=True)
+    per_image = pd.read_csv(tiny_reproduced / "data/evaluate/per_image.csv", dtype={"policy": str})
+    return {"root": tiny_reproduced, "name": tracking.registry_name(p["data"]["source"], p["model"]["depth"]),
+            "uri": f"sqlite:///{tiny_reproduced / 'mlflow.db'}", "images": test["images"].numpy()[:, 0],
+            "per_image": per_image}
+
+
+def _probe(model_uri: str, images: np.ndarray, tmp_path: Path, tracking_uri: str) -> subprocess.CompletedProcess:
+    np.save(tmp_path / "images.npy", images)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PYTHONPATH": ""}
+    code = PROBE.replace("REPO", repr(str(Path(__file__).resolve().parents[1])))
+    return subprocess.run([sys.executable, "-c", code, model_uri, str(tmp_path / "images.npy")], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_registered_model_loads_without_the_repository_and_answers_like_evaluate(served: dict, tmp_path: Path
+                                                                                 ) -> None:
+    proc = _probe(f"models:/{served['name']}@challenger", served["images"], tmp_path, served["uri"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "/artifacts/code/blockdrop/" in out["blockdrop"]  # the model's own copy of the library
+    ref = served["per_image"]
+    assert out["classes"] == ref["predicted"].tolist()
+    assert out["policies"] == ref["policy"].tolist()
+    np.testing.assert_allclose(out["flops"], ref["flops"], rtol=1e-12)
+    meta = json.loads((served["root"] / "data/prepared/meta.json").read_text())
+    assert out["names"] == [meta["classes"][i] for i in out["classes"]]
+    assert out["signature"] == "[Tensor('uint8', (-1, 28, 28))]"
+
+
+class Payload:
+    """A pickle that runs code when it is unpickled: it creates ``marker``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_weights_replaced_by_a_code_running_pickle_are_refused(served: dict, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlflow.artifacts
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", served["uri"])
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{served['name']}/1",
+                                                     dst_path=str(tmp_path / "model")))
+    weights = local / "artifacts" / serving.WEIGHTS_FILE
+    assert weights.is_file()
+    marker = tmp_path / "code-ran"
+    torch.save(Payload(marker), weights)
+    torch.load(weights, weights_only=False)  # the payload is real: unpickling it runs code
+    assert marker.exists()
+    marker.unlink()
+
+    proc = _probe(str(local), served["images"][:2], tmp_path, served["uri"])
+    assert proc.returncode != 0
+    assert "corrupted or unreadable" in proc.stderr and serving.WEIGHTS_FILE in proc.stderr
+    assert not marker.exists()
+
+
+def test_version_description_and_requirements(served: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    from importlib.metadata import version
+
+    import mlflow.pyfunc
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", served["uri"])
+    v = MlflowClient(served["uri"]).get_model_version_by_alias(served["name"], "challenger")
+    metrics = json.loads((served["root"] / "reports/evaluate/metrics.json").read_text())["blockdrop"]
+    # evaluate replaced finetune's validation numbers with the test split's
+    assert v.description.startswith("BlockDrop on fashion-mnist: a ResNet-")
+    assert f"On the test split: accuracy {metrics['accuracy']:.2%}" in v.description
+    assert f"{metrics['blocks_mean']:.2f} of" in v.description and "MFLOPs per image" in v.description
+    reqs = Path(mlflow.pyfunc.get_model_dependencies(f"models:/{served['name']}/{v.version}")).read_text().split()
+    for pkg in ("torch", "torchvision", "numpy", "pandas", "mlflow"):
+        assert f"{pkg}=={version(pkg)}" in reqs
+
+
+# ------------------------------------------------------------------------- the pyfunc's input checks
+
+
+SHAPE = [1, 28, 28]
+
+
+@pytest.mark.parametrize("given", [np.zeros((2, 28, 28), np.uint8), np.zeros((2, 1, 28, 28), np.uint8),
+                                   pd.DataFrame({"image": [np.zeros((28, 28), np.uint8)] * 2})])
+def test_images_are_accepted_in_each_layout(given) -> None:
+    images = serving.as_images(given, SHAPE)
+    assert images.dtype == torch.uint8 and tuple(images.shape) == (2, 1, 28, 28)
+
+
+@pytest.mark.parametrize(("given", "reason"), [
+    (np.zeros((2, 28, 28), np.float32), "expected uint8 pixels 0-255 (raw, not normalised), got dtype float32"),
+    (np.zeros((2, 27, 28), np.uint8), r"expected images of shape (N, 28, 28) or (N, 1, 28, 28), got (2, 27, 28)"),
+    (np.zeros((2, 3, 28, 28), np.uint8), "got (2, 3, 28, 28)"),
+    (np.zeros((0, 28, 28), np.uint8), "empty batch: send at least one image"),
+    ("a cat", "expected an array of uint8 images, got str"),
+    (pd.DataFrame({"a": [1], "b": [2]}), "expected one column of images, got 2 columns"),
+])
+def test_bad_inputs_are_refused_with_a_one_line_reason(given, reason: str) -> None:
+    with pytest.raises(MlflowException) as error:
+        serving.as_images(given, SHAPE)
+    assert reason in error.value.message and "\n" not in error.value.message
+    assert error.value.get_http_status_code() == 400
+
+
+def test_predictions_carry_policy_blocks_and_flops() -> None:
+    """The answer's FLOPs are the table's for the policy it reports, and the probabilities sum to 1."""
+    from blockdrop.models import cifar_resnet, policy_resnet8
+
+    torch.manual_seed(0)
+    backbone, policy = cifar_resnet(8, 3, 1).eval(), policy_resnet8(3, 1).eval()
+    with torch.no_grad():
+        policy.fc.bias.copy_(torch.tensor([5.0, -5.0, 5.0]))  # keep blocks 0 and 2, drop block 1
+        policy.fc.weight.zero_()
+    table = FlopTable(base=100, blocks=(10, 20, 40), policy=5)
+    spec = {"shape": SHAPE, "classes": ["a", "b", "c"], "mean": [0.5], "std": [0.25],
+            "flops": {"base": table.base, "blocks": list(table.blocks), "policy": table.policy}}
+    model = serving.BlockDropClassifier().setup(spec, backbone, policy)
+    out = model.predict(None, np.random.default_rng(0).integers(0, 256, (3, 28, 28), dtype=np.uint8))
+    assert out["policy"].tolist() == ["101"] * 3 and out["blocks"].tolist() == [2] * 3
+    assert out["flops"].tolist() == [155.0] * 3
+    np.testing.assert_allclose(out["flops_saved"], 1 - 155 / 170)
+    np.testing.assert_allclose(np.stack(out["probabilities"]).sum(1), 1.0, rtol=1e-6)
+    assert out["class_name"].tolist() == [spec["classes"][i] for i in out["class_index"]]
+
+
+# ------------------------------------------------------------------------------ mlflow models serve
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(port: int, body: dict | bytes) -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=data,
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def _reason(answer: dict) -> str:
+    """The one-line reason of a refusal. A request refused while predicting gets MLflow's echo of the input
+    first ("Failed to predict data '<the array>'") and the reason last; one refused while parsing, the reason
+    first (then, for unparsable JSON, the bytes received)."""
+    lines = answer["message"].strip().splitlines()
+    return lines[-1] if lines[0].startswith("Failed to predict data") else lines[0]
+
+
+def test_mlflow_models_serve_answers_images_and_refuses_bad_requests(served: dict, tmp_path: Path) -> None:
+    port = _free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": served["uri"],
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    cmd = [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m",
+           f"models:/{served['name']}@challenger", "-h", "127.0.0.1", "-p", str(port), "-w", "1",
+           "--env-manager", "local"]
+    log = open(tmp_path / "serve.log", "w")  # noqa: SIM115  (closed below, after the server)
+    server = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "mlflow models serve did not answer /ping in 180 s"
+                time.sleep(1)
+
+        images, ref = served["images"][:3], served["per_image"][:3]
+        status, answer = _post(port, {"inputs": images.tolist()})
+        assert status == 200, answer
+        rows = answer["predictions"]
+        assert [r["class_index"] for r in rows] == ref["predicted"].tolist()
+        assert [r["policy"] for r in rows] == ref["policy"].tolist()
+        assert [r["blocks"] for r in rows] == ref["blocks"].tolist()
+        assert all(len(r["probabilities"]) == 10 for r in rows)
+
+        bad = {
+            "wrong shape": ({"inputs": [[[0] * 27] * 27]}, "Shape of input (1, 27, 27) does not match expected shape "
+                                                          "(-1, 28, 28)."),
+            "out of range": ({"inputs": [[[300] * 28] * 28]}, "Python integer 300 out of bounds for uint8"),
+            "negative": ({"inputs": [[[-1] * 28] * 28]}, "Python integer -1 out of bounds for uint8"),
+            "not numbers": ({"inputs": [[["a"] * 28] * 28]}, "invalid literal for int()"),
+            "not an image": ({"inputs": "a cat"}, "Failed to convert data `a cat`"),
+            "empty batch": ({"inputs": []}, "tensor-based model signature"),
+            "not json": (b"{", "valid JSON"),
+        }
+        for case, (body, reason) in bad.items():
+            status, answer = _post(port, body)
+            assert 400 <= status < 500, (case, status)
+            assert reason in _reason(answer), (case, answer["message"][-500:])
+        status, again = _post(port, {"inputs": images[:1].tolist()})  # still serving after all of them
+        assert status == 200
+        first = again["predictions"][0]
+        assert {k: v for k, v in first.items() if k != "probabilities"} == \
+            {k: v for k, v in rows[0].items() if k != "probabilities"}
+        np.testing.assert_allclose(first["probabilities"], rows[0]["probabilities"], atol=1e-5)
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
+        log.close()
