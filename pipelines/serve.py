@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     uri = f"models:/{name}@{args.alias}"
     print(f"serving {uri} (version {version}) on http://127.0.0.1:{args.port}/invocations", flush=True)
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking.tracking_uri(),
+           "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
            # the scoring server is started as `uvicorn ...` by name: it must be this venv's
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     mlflow = str(Path(sys.executable).parent / "mlflow")
