@@ -4,8 +4,8 @@ What travels inside a logged model, and why:
 * ``artifacts/blockdrop.pt``: the finetune stage's weights-only checkpoint (``blockdrop.models.io``), read
   with ``torch.load(weights_only=True)``. A file replaced by a pickle that runs code on load is refused.
 * ``artifacts/serving.json`` (:func:`model_spec`): what the weights alone do not say: the image shape, the
-  normalisation statistics, the class names and the FLOPs table, so a caller sends uint8 pixels as they come
-  and reads back class names and the FLOPs each image cost.
+  normalisation statistics, the class names and the FLOPs table, so a caller sends raw pixels (integers
+  0-255) as they come and reads back class names and the FLOPs each image cost.
 * ``code/blockdrop``: this library (``code_paths``), which MLflow puts on ``sys.path`` when it loads the
   model, so serving needs the pinned packages and nothing from this repository.
 
@@ -14,7 +14,8 @@ reference to this module's class, not as code. Everything the model knows comes 
 
 Per image the model answers the class (index and name), the class probabilities, the policy (one character
 per residual block, ``1`` = executed), the blocks executed, the FLOPs spent (policy network included) and the
-fraction of the full backbone's FLOPs saved.
+fraction of the full backbone's FLOPs saved. The input is a column ``image`` of images (:func:`signature`
+says why a column and not a tensor); ``unwrap_python_model().predict(None, array)`` takes an integer array.
 """
 
 from __future__ import annotations
@@ -28,16 +29,22 @@ import numpy as np
 import pandas as pd
 import torch
 from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.types import DataType
+from mlflow.types.schema import Array, ColSpec, Schema
+from mlflow.types.utils import _infer_schema
 
 from blockdrop.data import Normalize
 from blockdrop.flops import FlopTable, count_flops
 from blockdrop.inference import BatchedSkippingPredictor
 from blockdrop.models import BlockResNet, PolicyNet, load_blockdrop
 
-__all__ = ["SPEC_FILE", "WEIGHTS_FILE", "BlockDropClassifier", "as_images", "describe", "model_spec"]
+__all__ = ["IMAGE_COLUMN", "SPEC_FILE", "WEIGHTS_FILE", "BlockDropClassifier", "as_images", "describe", "model_spec",
+           "signature"]
 
 WEIGHTS_FILE, SPEC_FILE = "blockdrop.pt", "serving.json"
+IMAGE_COLUMN = "image"
 CHUNK = 256  # images per forward: bounds memory for a large request without costing speed (bench/inference.py)
 
 
@@ -58,8 +65,9 @@ def describe(spec: dict[str, Any], split: str, accuracy: float, blocks_mean: flo
     writes the validation split's numbers, evaluate replaces them with the test split's and the FLOPs)."""
     full = spec["flops"]["base"] + sum(spec["flops"]["blocks"])
     text = (f"BlockDrop on {spec['source']}: a ResNet-{spec['depth']} backbone ({spec['num_blocks']} residual "
-            f"blocks) and its policy network; input uint8 images {_layouts(spec)}. On the {split} split: accuracy "
-            f"{accuracy:.2%}, {blocks_mean:.2f} of {spec['num_blocks']} blocks per image on average")
+            f"blocks) and its policy network; input: a column '{IMAGE_COLUMN}' of raw images {_layouts(spec)}, "
+            f"pixels 0-255. On the {split} split: accuracy {accuracy:.2%}, {blocks_mean:.2f} of "
+            f"{spec['num_blocks']} blocks per image on average")
     if flops_mean is None:
         return text + "."
     return (text + f", {flops_mean / 1e6:.2f} MFLOPs per image with the policy network, {full / flops_mean:.2f}x "
@@ -68,7 +76,21 @@ def describe(spec: dict[str, Any], split: str, accuracy: float, blocks_mean: flo
 
 def _layouts(spec: dict[str, Any]) -> str:
     c, h, w = spec["shape"]
-    return f"(N, {h}, {w})" if c == 1 else f"(N, {c}, {h}, {w})"
+    return f"({h}, {w})" if c == 1 else f"({c}, {h}, {w})"
+
+
+def signature(spec: dict[str, Any], answer: pd.DataFrame) -> ModelSignature:
+    """Input: one column ``image`` of integer arrays ((H, W) for one channel, else (C, H, W)); output: the
+    columns of ``answer``, a :meth:`BlockDropClassifier.predict` result.
+
+    A column of integer arrays, not a uint8 tensor: MLflow's server casts JSON numbers to a tensor
+    signature's dtype before the model sees them, so 0.5 would become a silent 0; against ``long`` arrays
+    it refuses fractional numbers and strings with HTTP 400. The range 0-255 is checked by :func:`as_images`.
+    """
+    pixels: Array = Array(Array(DataType.long))
+    if spec["shape"][0] != 1:
+        pixels = Array(pixels)
+    return ModelSignature(inputs=Schema([ColSpec(pixels, IMAGE_COLUMN)]), outputs=_infer_schema(answer))
 
 
 def _bad(reason: str) -> MlflowException:
@@ -78,36 +100,45 @@ def _bad(reason: str) -> MlflowException:
 
 def as_images(model_input: Any, shape: list[int]) -> torch.Tensor:
     """Raw images as a (N, C, H, W) uint8 tensor, or a one-line :class:`MlflowException` (HTTP 400) saying
-    what is wrong: ``model_input`` is a uint8 array (N, H, W) for one channel or (N, C, H, W), or a
-    one-column DataFrame whose cells are such images."""
+    what is wrong. ``model_input`` is what the logged signature describes, a one-column DataFrame whose cells
+    are images ((H, W) for one channel, else (C, H, W)) as nested lists or arrays of integers 0-255, or
+    directly an integer array (N, H, W) or (N, C, H, W)."""
+    c, h, w = shape
+    layouts = f"({h}, {w}) or ({c}, {h}, {w})" if c == 1 else f"({c}, {h}, {w})"
     if isinstance(model_input, pd.DataFrame):
         if model_input.shape[1] != 1:
             raise _bad(f"expected one column of images, got {model_input.shape[1]} columns")
+        if len(model_input) == 0:
+            raise _bad("empty batch: send at least one image")
         try:
-            model_input = np.stack([np.asarray(cell) for cell in model_input.iloc[:, 0]]) if len(model_input) \
-                else np.zeros((0, *shape), np.uint8)
-        except ValueError as e:
-            raise _bad(f"the images are not all of one shape ({e})") from None
-    if isinstance(model_input, torch.Tensor):
-        model_input = model_input.cpu().numpy()
-    if not isinstance(model_input, np.ndarray):
-        raise _bad(f"expected an array of uint8 images, got {type(model_input).__name__}")
-    c, h, w = shape
-    layouts = f"(N, {h}, {w}) or (N, {c}, {h}, {w})" if c == 1 else f"(N, {c}, {h}, {w})"
-    if model_input.dtype != np.uint8:
-        raise _bad(f"expected uint8 pixels 0-255 (raw, not normalised), got dtype {model_input.dtype}")
-    given = tuple(model_input.shape)
+            model_input = np.stack([np.asarray(cell) for cell in model_input.iloc[:, 0]])
+        except (ValueError, TypeError):
+            raise _bad(f"each image must be a rectangular array of pixels {layouts}, all of one shape") from None
+        given = "images of shape " + str(model_input.shape[1:])
+    else:
+        if isinstance(model_input, torch.Tensor):
+            model_input = model_input.cpu().numpy()
+        if not isinstance(model_input, np.ndarray):
+            raise _bad(f"expected images, got {type(model_input).__name__}")
+        given = "an array of shape " + str(model_input.shape)
+    if model_input.dtype.kind not in "iu":
+        raise _bad(f"expected integer pixels 0-255 (raw, not normalised), got {model_input.dtype}")
     if model_input.ndim == 3 and c == 1:
         model_input = model_input[:, None]
     if model_input.ndim != 4 or tuple(model_input.shape[1:]) != (c, h, w):
         raise _bad(f"expected images of shape {layouts}, got {given}")
     if len(model_input) == 0:
         raise _bad("empty batch: send at least one image")
+    if model_input.dtype != np.uint8:  # JSON integers arrive as int64: check the range before narrowing
+        lo, hi = int(model_input.min()), int(model_input.max())
+        if lo < 0 or hi > 255:
+            raise _bad(f"pixels must be 0-255, got values from {lo} to {hi}")
+        model_input = model_input.astype(np.uint8)
     return torch.from_numpy(np.ascontiguousarray(model_input))
 
 
 class BlockDropClassifier(mlflow.pyfunc.PythonModel):
-    """The pyfunc: raw uint8 images in, one row per image out (see the module docstring)."""
+    """The pyfunc: raw images in, one row per image out (see the module docstring)."""
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         spec = json.loads(Path(context.artifacts["spec"]).read_text())
@@ -124,7 +155,7 @@ class BlockDropClassifier(mlflow.pyfunc.PythonModel):
         return self
 
     # model_input has no annotation on purpose: MLflow 3 reads predict's type hints as a second signature,
-    # which would replace the logged uint8 tensor signature; the logged signature is the contract.
+    # which would replace the logged one (:func:`signature`); the logged signature is the contract.
     def predict(self, context: Any, model_input, params: dict[str, Any] | None = None) -> pd.DataFrame:
         images = as_images(model_input, self.spec["shape"])
         device = next(self.predictor.backbone.parameters()).device

@@ -610,7 +610,8 @@ def log_blockdrop_model(checkpoint: str | Path, spec: Mapping[str, Any], input_e
                         version_tags: Mapping[str, Any] | None = None, description: str | None = None) -> int:
     """Log the self-contained pyfunc of :mod:`blockdrop.serving` to the active run: the weights-only
     ``checkpoint`` and ``spec`` (:func:`blockdrop.serving.model_spec`) as artifacts, this library as
-    ``code_paths``, a signature taken from ``input_example`` (raw uint8 images) and the model's answer to it.
+    ``code_paths``, :func:`blockdrop.serving.signature` with the model's answer to ``input_example`` (raw
+    images: a DataFrame with one column ``image``).
     Register it, describe and tag the new version with ``version_tags`` (e.g. ``dvc_md5``, the md5 DVC records
     for the checkpoint), and only then point the alias ``challenger`` at it, so a version an alias names
     always carries its tags.
@@ -621,14 +622,12 @@ def log_blockdrop_model(checkpoint: str | Path, spec: Mapping[str, Any], input_e
         import tempfile
 
         import mlflow.pyfunc
-        from mlflow.models import infer_signature
 
         from blockdrop import serving
         from blockdrop.models import load_blockdrop
 
-        local = serving.BlockDropClassifier()
-        local.setup(dict(spec), *load_blockdrop(checkpoint))
-        signature = infer_signature(input_example, local.predict(None, input_example))
+        local = serving.BlockDropClassifier().setup(dict(spec), *load_blockdrop(checkpoint))
+        signature = serving.signature(dict(spec), local.predict(None, input_example))
         pins = [f"{pkg}=={version(pkg)}" for pkg in SERVING_PINS]
         with tempfile.TemporaryDirectory(prefix="blockdrop-model-") as tmp:
             spec_file = Path(tmp) / serving.SPEC_FILE

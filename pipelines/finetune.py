@@ -6,6 +6,7 @@ import logging
 import time
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 from blockdrop import stage, tracking
@@ -43,15 +44,16 @@ def main() -> None:
             save_blockdrop(backbone.cpu(), policy_net.cpu(), MODEL)
             stage.publish(run, REPORTS, history, metrics, [MODEL])
             if p.tracking.log_model:
-                # The served form (blockdrop.serving): raw uint8 images in, class, probabilities, policy and
+                # The served form (blockdrop.serving): raw images in, class, probabilities, policy and
                 # FLOPs out; this checkpoint as its weights; the example is two raw test images.
                 from blockdrop import serving  # here: it only builds the MLflow model, no DVC out depends on it
 
                 backbone, policy_net = backbone.cpu(), policy_net.cpu()
                 spec = serving.model_spec(meta.source, meta.classes, meta.shape, meta.mean, meta.std, backbone,
                                           policy_net)
-                example = load_split(stage.DATA_DIR, "test").images[:2].cpu().numpy()
-                example = example[:, 0] if example.shape[1] == 1 else example  # (N, H, W) for one channel
+                images = load_split(stage.DATA_DIR, "test").images[:2].cpu().numpy()
+                images = images[:, 0] if images.shape[1] == 1 else images  # (H, W) per image for one channel
+                example = pd.DataFrame({serving.IMAGE_COLUMN: [image.tolist() for image in images]})
                 name = tracking.registry_name(meta.source, backbone.depth)
                 t0 = time.perf_counter()
                 # The checkpoint also as a run artifact: promotion loads it after checking its md5 against

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 import torch
 from mlflow import MlflowClient
@@ -85,8 +86,8 @@ def _log(net: BlockDropNet, name: str, version_tags: dict | None = None) -> int:
     save_blockdrop(net.backbone, net.policy_net, ckpt)
     spec = serving.model_spec("fashion-mnist", [f"class {c}" for c in range(10)], [1, 28, 28], [0.5], [0.25],
                               net.backbone, net.policy_net)
-    return tracking.log_blockdrop_model(ckpt, spec, _split(2)[0].images[:, 0].numpy(), name,
-                                        version_tags=version_tags)
+    example = pd.DataFrame({"image": list(_split(2)[0].images[:, 0].numpy())})
+    return tracking.log_blockdrop_model(ckpt, spec, example, name, version_tags=version_tags)
 
 
 def test_registry_helpers_round_trip_a_blockdrop_net(store: MlflowClient) -> None:
@@ -101,7 +102,8 @@ def test_registry_helpers_round_trip_a_blockdrop_net(store: MlflowClient) -> Non
     tracking.set_alias(name, "champion", 1)
     assert tracking.get_alias_version(name, "champion") == 1
     # the champion's pyfunc takes the raw images and answers what the network it was logged from answers
-    answer = tracking.load_registered_model(name, "champion").predict(split.images[:, 0].numpy())
+    images = pd.DataFrame({"image": list(split.images[:, 0].numpy())})
+    answer = tracking.load_registered_model(name, "champion").predict(images)
     logits, actions = run_policy(net.backbone, net.policy_net, split, normalize)
     assert answer["class_index"].tolist() == logits.argmax(1).tolist()
     assert answer["policy"].tolist() == ["".join(str(int(a)) for a in row) for row in actions.tolist()]

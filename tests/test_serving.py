@@ -36,10 +36,10 @@ sys.path[:] = [p for p in sys.path if p not in ("", REPO)]
 sys.meta_path[:] = [f for f in sys.meta_path
                     if "__editable__" not in getattr(f, "__module__", "") + getattr(type(f), "__module__", "")]
 assert importlib.util.find_spec("blockdrop") is None, "the repository is still importable"
-import mlflow.pyfunc, numpy as np
+import mlflow.pyfunc, numpy as np, pandas as pd
 model = mlflow.pyfunc.load_model(sys.argv[1])
 import blockdrop
-out = model.predict(np.load(sys.argv[2]))
+out = model.predict(pd.DataFrame({"image": list(np.load(sys.argv[2]))}))
 print(json.dumps({"blockdrop": blockdrop.__file__, "classes": out["class_index"].tolist(),
                   "names": out["class_name"].tolist(), "policies": out["policy"].tolist(),
                   "flops": out["flops"].tolist(), "signature": str(model.metadata.signature.inputs)}))
@@ -77,7 +77,7 @@ def test_registered_model_loads_without_the_repository_and_answers_like_evaluate
     np.testing.assert_allclose(out["flops"], ref["flops"], rtol=1e-12)
     meta = json.loads((served["root"] / "data/prepared/meta.json").read_text())
     assert out["names"] == [meta["classes"][i] for i in out["classes"]]
-    assert out["signature"] == "[Tensor('uint8', (-1, 28, 28))]"
+    assert out["signature"] == "['image': Array(Array(long)) (required)]"
 
 
 class Payload:
@@ -135,19 +135,28 @@ def test_version_description_and_requirements(served: dict, monkeypatch: pytest.
 SHAPE = [1, 28, 28]
 
 
-@pytest.mark.parametrize("given", [np.zeros((2, 28, 28), np.uint8), np.zeros((2, 1, 28, 28), np.uint8),
-                                   pd.DataFrame({"image": [np.zeros((28, 28), np.uint8)] * 2})])
+@pytest.mark.parametrize("given", [
+    np.zeros((2, 28, 28), np.uint8), np.zeros((2, 1, 28, 28), np.uint8), np.full((2, 28, 28), 255, np.int64),
+    pd.DataFrame({"image": [np.zeros((28, 28), np.uint8)] * 2}),
+    pd.DataFrame({"image": [[[0] * 28] * 28] * 2}),  # nested lists, as JSON delivers them
+])
 def test_images_are_accepted_in_each_layout(given) -> None:
     images = serving.as_images(given, SHAPE)
     assert images.dtype == torch.uint8 and tuple(images.shape) == (2, 1, 28, 28)
 
 
 @pytest.mark.parametrize(("given", "reason"), [
-    (np.zeros((2, 28, 28), np.float32), "expected uint8 pixels 0-255 (raw, not normalised), got dtype float32"),
-    (np.zeros((2, 27, 28), np.uint8), r"expected images of shape (N, 28, 28) or (N, 1, 28, 28), got (2, 27, 28)"),
-    (np.zeros((2, 3, 28, 28), np.uint8), "got (2, 3, 28, 28)"),
+    (np.zeros((2, 28, 28), np.float32), "expected integer pixels 0-255 (raw, not normalised), got float32"),
+    (np.zeros((2, 27, 28), np.uint8), "expected images of shape (28, 28) or (1, 28, 28), got an array of shape "
+                                      "(2, 27, 28)"),
+    (pd.DataFrame({"image": [np.zeros((27, 27), np.int64)]}), "got images of shape (27, 27)"),
+    (np.zeros((2, 3, 28, 28), np.uint8), "got an array of shape (2, 3, 28, 28)"),
     (np.zeros((0, 28, 28), np.uint8), "empty batch: send at least one image"),
-    ("a cat", "expected an array of uint8 images, got str"),
+    (pd.DataFrame({"image": []}), "empty batch: send at least one image"),
+    (np.full((1, 28, 28), 256), "pixels must be 0-255, got values from 256 to 256"),
+    (np.full((1, 28, 28), -3), "pixels must be 0-255, got values from -3 to -3"),
+    (pd.DataFrame({"image": [[[0] * 28] * 27 + [[0] * 5]]}), "each image must be a rectangular array of pixels"),
+    ("a cat", "expected images, got str"),
     (pd.DataFrame({"a": [1], "b": [2]}), "expected one column of images, got 2 columns"),
 ])
 def test_bad_inputs_are_refused_with_a_one_line_reason(given, reason: str) -> None:
@@ -198,6 +207,11 @@ def _post(port: int, body: dict | bytes) -> tuple[int, dict]:
         return error.code, json.loads(error.read())
 
 
+def _split(*images) -> dict:
+    """A request in MLflow's ``dataframe_split`` form: one row per image, in the column ``image``."""
+    return {"dataframe_split": {"columns": ["image"], "data": [[image] for image in images]}}
+
+
 def _reason(answer: dict) -> str:
     """The one-line reason of a refusal. A request refused while predicting gets MLflow's echo of the input
     first ("Failed to predict data '<the array>'") and the reason last; one refused while parsing, the reason
@@ -228,29 +242,35 @@ def test_mlflow_models_serve_answers_images_and_refuses_bad_requests(served: dic
                 time.sleep(1)
 
         images, ref = served["images"][:3], served["per_image"][:3]
-        status, answer = _post(port, {"inputs": images.tolist()})
+        status, answer = _post(port, _split(*images.tolist()))
         assert status == 200, answer
         rows = answer["predictions"]
         assert [r["class_index"] for r in rows] == ref["predicted"].tolist()
         assert [r["policy"] for r in rows] == ref["policy"].tolist()
         assert [r["blocks"] for r in rows] == ref["blocks"].tolist()
         assert all(len(r["probabilities"]) == 10 for r in rows)
+        status, records = _post(port, {"dataframe_records": [{"image": images[0].tolist()}]})
+        assert status == 200 and records["predictions"][0]["policy"] == rows[0]["policy"]
 
-        bad = {
-            "wrong shape": ({"inputs": [[[0] * 27] * 27]}, "Shape of input (1, 27, 27) does not match expected shape "
-                                                          "(-1, 28, 28)."),
-            "out of range": ({"inputs": [[[300] * 28] * 28]}, "Python integer 300 out of bounds for uint8"),
-            "negative": ({"inputs": [[[-1] * 28] * 28]}, "Python integer -1 out of bounds for uint8"),
-            "not numbers": ({"inputs": [[["a"] * 28] * 28]}, "invalid literal for int()"),
-            "not an image": ({"inputs": "a cat"}, "Failed to convert data `a cat`"),
-            "empty batch": ({"inputs": []}, "tensor-based model signature"),
+        black = [[0] * 28] * 28
+        bad = {  # what a client gets wrong -> the reason it reads
+            "normalised floats": (_split([[0.5] * 28] * 28), "Can not safely convert float64 to int64"),
+            "wrong shape": (_split([[0] * 27] * 27), "expected images of shape (28, 28) or (1, 28, 28), got "
+                                                     "images of shape (27, 27)"),
+            "above 255": (_split([[300] * 28] * 28), "pixels must be 0-255, got values from 300 to 300"),
+            "negative": (_split([[-1] * 28] * 28), "pixels must be 0-255, got values from -1 to -1"),
+            "not numbers": (_split([["a"] * 28] * 28), "Can not safely convert str to int64"),
+            "not an image": (_split("a cat"), "Expected data to be list or numpy array, got str"),
+            "ragged": (_split([*black[:27], [0] * 5]), "each image must be a rectangular array of pixels"),
+            "two sizes": (_split(black, [[0] * 27] * 27), "each image must be a rectangular array of pixels"),
+            "empty batch": ({"dataframe_split": {"columns": ["image"], "data": []}}, "empty batch"),
             "not json": (b"{", "valid JSON"),
         }
         for case, (body, reason) in bad.items():
             status, answer = _post(port, body)
-            assert 400 <= status < 500, (case, status)
+            assert status == 400, (case, status)
             assert reason in _reason(answer), (case, answer["message"][-500:])
-        status, again = _post(port, {"inputs": images[:1].tolist()})  # still serving after all of them
+        status, again = _post(port, _split(images[0].tolist()))  # still serving after all of them
         assert status == 200
         first = again["predictions"][0]
         assert {k: v for k, v in first.items() if k != "probabilities"} == \

@@ -288,6 +288,7 @@ def test_registry_name() -> None:
 def test_log_blockdrop_model(store: MlflowClient, tmp_path: Path) -> None:
     np = pytest.importorskip("numpy")
     import mlflow.pyfunc
+    import pandas as pd
 
     from blockdrop import serving
     from blockdrop.models import cifar_resnet, policy_resnet8, save_blockdrop
@@ -296,7 +297,7 @@ def test_log_blockdrop_model(store: MlflowClient, tmp_path: Path) -> None:
     ckpt = tmp_path / "blockdrop.pt"
     save_blockdrop(backbone, policy, ckpt)
     spec = serving.model_spec("fashion-mnist", ["a", "b", "c"], [1, 28, 28], [0.5], [0.25], backbone, policy)
-    example = np.zeros((2, 28, 28), np.uint8)
+    example = pd.DataFrame({"image": [np.zeros((28, 28), np.uint8)] * 2})
     with tracking.stage_run("finetune", Params()):
         v1 = tracking.log_blockdrop_model(ckpt, spec, example, "blockdrop-test", description="first")
         v2 = tracking.log_blockdrop_model(ckpt, spec, example, "blockdrop-test", version_tags={"dvc_md5": "x"})
@@ -307,7 +308,7 @@ def test_log_blockdrop_model(store: MlflowClient, tmp_path: Path) -> None:
     tracking.describe_version("blockdrop-test", 1, "second")
     assert store.get_model_version("blockdrop-test", "1").description == "second"
     loaded = mlflow.pyfunc.load_model("models:/blockdrop-test@challenger")
-    answer = loaded.predict(np.full((3, 28, 28), 7, np.uint8))
+    answer = loaded.predict(pd.DataFrame({"image": [np.full((28, 28), 7, np.uint8)] * 3}))
     assert len(answer) == 3 and set(answer["class_name"]) <= {"a", "b", "c"}
     reqs = Path(mlflow.pyfunc.get_model_dependencies("models:/blockdrop-test/2")).read_text()
     assert f"torch=={version('torch')}" in reqs.split()
