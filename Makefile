@@ -13,7 +13,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DVC_NO_ANALYTICS := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help install data repro test test-slow lint plots ui serve flow retrain schedule sweep browser
+.PHONY: help install data repro test test-slow lint plots ui serve flow retrain schedule sweep browser push pull sshd
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -35,7 +35,7 @@ data:  ## make Fashion-MNIST available offline (Debian's dataset-fashion-mnist) 
 repro: install data  ## reproduce the whole pipeline (dvc repro)
 	dvc repro
 
-test: install browser  ## run the test suite (slow tests excluded)
+test: install browser sshd  ## run the test suite (slow tests excluded)
 	pytest -q -m "not slow"
 
 test-slow: install  ## run only the slow tests
@@ -71,6 +71,22 @@ browser:  ## headless Chromium + chromedriver for the browser tests (apt-get, wh
 	  (apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null) \
 	    || echo "note: apt could not install chromium; the browser tests will be skipped"; \
 	else echo "note: run 'sudo apt-get install chromium chromium-driver' for the browser tests"; fi
+
+# The default remote is .dvc/config's `storage`, a folder beside the clone (../blockdrop-dvc-remote); point it
+# at shared storage with `dvc remote modify storage url s3://...` (or gs://, ssh://). Git holds dvc.lock, the
+# remote holds the bytes it names: push after a run, pull in a fresh clone, and `dvc repro` has nothing to do.
+push: install  ## dvc push: data/prepared and models/ to the default DVC remote
+	dvc push
+
+pull: install  ## dvc pull: the outs dvc.lock names, from the default DVC remote
+	dvc pull
+
+sshd:  ## OpenSSH server for the SSH-remote test (apt-get, when root and missing)
+	@if [ -x /usr/sbin/sshd ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  (apt-get update -qq && apt-get install -y -qq --no-install-recommends openssh-server >/dev/null) \
+	    || echo "note: apt could not install openssh-server; the SSH-remote test will be skipped"; \
+	else echo "note: run 'sudo apt-get install openssh-server' for the SSH-remote test"; fi
 
 plots: install  ## DVC plots as HTML in reports/plots/, with vendored vega scripts (works offline)
 	rm -rf reports/plots && mkdir -p reports/plots/vendor

@@ -3,7 +3,7 @@
 Imported by the flow tests and ``bench/overhead.py`` (``from tinyrepo import make_tiny_repo``); no fixtures
 here. The copy holds the working tree as git sees it (tracked and untracked, not ignored files), minus
 everything a run produces (data, models, DVC's cache, MLflow's store), so it runs exactly the code being
-tested. It is its own git repository (no commits), as DVC expects.
+tested. It is its own git repository (no commits), as DVC expects, with no DVC remote (``drop_dvc_remotes``).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from configobj import ConfigObj
 from fakedata import write_fashion
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,6 +70,23 @@ def learnable_fashion(n_train: int = 800, n_test: int = 256, seed: int = 0) -> d
             "test_images": images(test_labels), "test_labels": test_labels}
 
 
+def drop_dvc_remotes(root: Path) -> None:
+    """Remove every remote, and the default, from ``root/.dvc/config``.
+
+    The project's config names a default remote (a folder beside the clone, or whatever a team pointed it at:
+    a bucket, an SSH host). A copy made for a test must never push there, so it gets none; a test that wants
+    a remote adds its own. configobj is the parser DVC itself reads and writes this file with."""
+    path = root / ".dvc" / "config"
+    if not path.is_file():
+        return
+    conf = ConfigObj(str(path))
+    if "core" in conf:
+        conf["core"].pop("remote", None)
+    for section in [name for name in conf if name.startswith("remote ")]:
+        del conf[section]
+    conf.write()
+
+
 def make_tiny_repo(dst: Path, overrides: dict | None = None, repo: Path = REPO) -> Path:
     """Copy the project to ``dst`` (created), apply the tiny profile and ``overrides``, add fake data."""
     dst.mkdir(parents=True, exist_ok=True)
@@ -82,6 +100,7 @@ def make_tiny_repo(dst: Path, overrides: dict | None = None, repo: Path = REPO) 
     params = merge(merge(params, tiny), overrides or {})
     (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     write_fashion(dst / params["data"]["raw_dir"] / "FashionMNIST" / "raw", learnable_fashion())
+    drop_dvc_remotes(dst)
     git = ["git", "-c", "init.defaultBranch=main"]
     subprocess.run([*git, "init", "-q"], cwd=dst, check=True)
     return dst
