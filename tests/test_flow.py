@@ -394,11 +394,14 @@ def retrain_runs(flows, tmp_path_factory, isolated_env):
     (not the alias ``challenger``) and promote it over the worse champion. The third, with nothing changed,
     finds that version already the champion."""
     sys.path.insert(0, str(Path(__file__).parent))
+    import numpy as np
+    import pandas as pd
     import torch
     from tinyrepo import make_tiny_repo
 
-    from blockdrop import tracking
+    from blockdrop import serving, tracking
     from blockdrop.config import load_params
+    from blockdrop.data import load_meta
     from blockdrop.models import save_blockdrop
     from blockdrop.promotion import load_version
 
@@ -414,12 +417,15 @@ def retrain_runs(flows, tmp_path_factory, isolated_env):
     with torch.no_grad():
         degraded.backbone.fc.weight.zero_()
         degraded.backbone.fc.bias.copy_(torch.eye(degraded.backbone.fc.out_features)[0])
-    example = torch.zeros(1, *degraded.backbone.stem[0].weight.shape[1:2], 28, 28).numpy()
+    meta = load_meta(root / "data/prepared")
+    spec = serving.model_spec(meta.source, meta.classes, meta.shape, meta.mean, meta.std, degraded.backbone,
+                              degraded.policy_net)
+    example = pd.DataFrame({"image": [np.zeros((28, 28), np.uint8)]})
     elsewhere = tmp_path_factory.mktemp("elsewhere") / "blockdrop.pt"  # not the workspace's DVC out
     save_blockdrop(degraded.backbone, degraded.policy_net, elsewhere)
     with tracking.stage_run("inject-degraded-challenger", params) as run:
         run.client.log_artifact(run.run_id, str(elsewhere), "models")
-        injected = tracking.log_blockdrop_model(degraded, example, name,
+        injected = tracking.log_blockdrop_model(elsewhere, spec, example, name,
                                                 version_tags={"dvc_md5": tracking.dvc_md5(elsewhere)})
     tracking.set_alias(name, "champion", injected)
 

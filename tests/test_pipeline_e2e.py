@@ -67,7 +67,12 @@ def test_metrics_have_the_shapes_design_md_gives(repro: Path) -> None:
     assert evaluate["num_blocks"] == k
     for variant in ("full", "firstk", "randomk"):
         assert set(evaluate[variant]) == VARIANT_KEYS
-    assert set(evaluate["blockdrop"]) == VARIANT_KEYS | {"unique_policies"}
+    assert set(evaluate["blockdrop"]) == VARIANT_KEYS | {"unique_policies", "flops_saved"}
+    saved = evaluate["blockdrop"]["flops_saved"]
+    assert set(saved) == {"mean", "median", "p5", "p95", "min", "max"}
+    assert saved["min"] <= saved["p5"] <= saved["median"] <= saved["p95"] <= saved["max"] < 1
+    full = evaluate["full"]["flops_mean"]  # the mean saving is the mean FLOPs' saving
+    assert saved["mean"] == pytest.approx(1 - evaluate["blockdrop"]["flops_mean"] / full, rel=1e-9)
     assert set(evaluate["speedup"]) == {"flops_ratio", "measured_batch1"}
     assert evaluate["full"]["blocks_mean"] == k and evaluate["full"]["block_fraction"] == 1.0
     # FirstK and RandomK run BlockDrop's budget, rounded

@@ -90,12 +90,19 @@ class Payload:
         return (Path.touch, (self.marker,))
 
 
-def test_weights_replaced_by_a_code_running_pickle_are_refused(served: dict, tmp_path: Path,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def _version_uri(served: dict, version: int | str) -> str:
+    """Where a version's files are, asked of the tiny project's store by name (not through the process-wide
+    tracking URI, which other tests in this session set)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=served["uri"], registry_uri=served["uri"])
+    return client.get_model_version_download_uri(served["name"], str(version))
+
+
+def test_weights_replaced_by_a_code_running_pickle_are_refused(served: dict, tmp_path: Path) -> None:
     import mlflow.artifacts
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", served["uri"])
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{served['name']}/1",
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=_version_uri(served, 1),
                                                      dst_path=str(tmp_path / "model")))
     weights = local / "artifacts" / serving.WEIGHTS_FILE
     assert weights.is_file()
@@ -111,20 +118,19 @@ def test_weights_replaced_by_a_code_running_pickle_are_refused(served: dict, tmp
     assert not marker.exists()
 
 
-def test_version_description_and_requirements(served: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_version_description_and_requirements(served: dict) -> None:
     from importlib.metadata import version
 
     import mlflow.pyfunc
     from mlflow import MlflowClient
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", served["uri"])
-    v = MlflowClient(served["uri"]).get_model_version_by_alias(served["name"], "challenger")
+    v = MlflowClient(served["uri"], served["uri"]).get_model_version_by_alias(served["name"], "challenger")
     metrics = json.loads((served["root"] / "reports/evaluate/metrics.json").read_text())["blockdrop"]
     # evaluate replaced finetune's validation numbers with the test split's
     assert v.description.startswith("BlockDrop on fashion-mnist: a ResNet-")
     assert f"On the test split: accuracy {metrics['accuracy']:.2%}" in v.description
     assert f"{metrics['blocks_mean']:.2f} of" in v.description and "MFLOPs per image" in v.description
-    reqs = Path(mlflow.pyfunc.get_model_dependencies(f"models:/{served['name']}/{v.version}")).read_text().split()
+    reqs = Path(mlflow.pyfunc.get_model_dependencies(_version_uri(served, v.version))).read_text().split()
     for pkg in ("torch", "torchvision", "numpy", "pandas", "mlflow"):
         assert f"{pkg}=={version(pkg)}" in reqs
 
