@@ -37,7 +37,7 @@ def variant_metrics(correct: torch.Tensor, actions: torch.Tensor, flops: torch.T
 def flops_saved_summary(flops: torch.Tensor, full: float) -> dict[str, float]:
     """The distribution of the fraction of the full backbone's FLOPs each image saves (the paper's "20% on
     average, up to 36% for some images"): mean, median, 5th and 95th percentile, min and max. Negative for
-    an image that runs every block: it still pays for the policy network."""
+    an image whose skipped blocks cost less than the policy network it pays for."""
     saved = 1.0 - flops.double() / full
     q = torch.quantile(saved, torch.tensor([0.05, 0.5, 0.95], dtype=torch.float64))
     return {"mean": saved.mean().item(), "median": q[1].item(), "p5": q[0].item(), "p95": q[2].item(),

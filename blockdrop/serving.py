@@ -29,11 +29,10 @@ import numpy as np
 import pandas as pd
 import torch
 from mlflow.exceptions import MlflowException
-from mlflow.models import ModelSignature
+from mlflow.models import ModelSignature, infer_signature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types import DataType
 from mlflow.types.schema import Array, ColSpec, Schema
-from mlflow.types.utils import _infer_schema
 
 from blockdrop.data import Normalize
 from blockdrop.flops import FlopTable, count_flops
@@ -90,7 +89,8 @@ def signature(spec: dict[str, Any], answer: pd.DataFrame) -> ModelSignature:
     pixels: Array = Array(Array(DataType.long))
     if spec["shape"][0] != 1:
         pixels = Array(pixels)
-    return ModelSignature(inputs=Schema([ColSpec(pixels, IMAGE_COLUMN)]), outputs=_infer_schema(answer))
+    outputs = infer_signature(None, answer).outputs
+    return ModelSignature(inputs=Schema([ColSpec(pixels, IMAGE_COLUMN)]), outputs=outputs)
 
 
 def _bad(reason: str) -> MlflowException:
@@ -143,8 +143,8 @@ class BlockDropClassifier(mlflow.pyfunc.PythonModel):
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         spec = json.loads(Path(context.artifacts["spec"]).read_text())
         backbone, policy_net = load_blockdrop(context.artifacts["weights"])  # weights_only=True
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.setup(spec, backbone.to(self.device), policy_net.to(self.device))
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.setup(spec, backbone.to(device), policy_net.to(device))
 
     def setup(self, spec: dict[str, Any], backbone: BlockResNet, policy_net: PolicyNet) -> BlockDropClassifier:
         """Make ready to predict from in-memory networks (what ``load_context`` does from the artifacts)."""
