@@ -36,7 +36,7 @@ repro: install data  ## reproduce the whole pipeline (dvc repro)
 	dvc repro
 
 test: install browser sshd  ## run the test suite (slow tests excluded)
-	pytest -q -m "not slow"
+	pytest -q -m "not slow" --durations=15
 
 test-slow: install  ## run only the slow tests
 	pytest -q -m slow
