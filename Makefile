@@ -13,7 +13,8 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DVC_NO_ANALYTICS := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help install data repro test test-slow lint plots ui serve flow retrain schedule sweep browser push pull sshd
+.PHONY: help install data repro test test-slow lint plots ui serve flow retrain schedule sweep browser push pull sshd \
+	postgres tracking-server
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -35,7 +36,7 @@ data:  ## make Fashion-MNIST available offline (Debian's dataset-fashion-mnist) 
 repro: install data  ## reproduce the whole pipeline (dvc repro)
 	dvc repro
 
-test: install browser sshd  ## run the test suite (slow tests excluded)
+test: install browser sshd postgres  ## run the test suite (slow tests excluded)
 	pytest -q -m "not slow" --durations=15
 
 test-slow: install  ## run only the slow tests
@@ -62,6 +63,8 @@ sweep: install data  ## every setting of sweep.grid as a DVC experiment; reports
 ui: install  ## MLflow UI on http://127.0.0.1:5000 (one worker) over this project's tracking store
 	@$(PY) -c 'from blockdrop import config, tracking; \
 	  print("runs table:", tracking.ui_address(config.load_params().tracking.experiment))'
+	@# A tracking server (MLFLOW_TRACKING_URI=http://...) serves its own UI: the address above is on it.
+	@case "$${MLFLOW_TRACKING_URI:-}" in http://*|https://*) exit 0;; esac; \
 	mlflow ui --host 127.0.0.1 --port 5000 --workers 1 \
 	  --backend-store-uri "$$($(PY) -c 'from blockdrop.tracking import tracking_uri; print(tracking_uri())')"
 
@@ -87,6 +90,17 @@ sshd:  ## OpenSSH server for the SSH-remote test (apt-get, when root and missing
 	  (apt-get update -qq && apt-get install -y -qq --no-install-recommends openssh-server >/dev/null) \
 	    || echo "note: apt could not install openssh-server; the SSH-remote test will be skipped"; \
 	else echo "note: run 'sudo apt-get install openssh-server' for the SSH-remote test"; fi
+
+postgres:  ## PostgreSQL for `make tracking-server` and its test (apt-get, when root and missing)
+	@if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  (apt-get update -qq && apt-get install -y -qq --no-install-recommends postgresql >/dev/null) \
+	    || echo "note: apt could not install postgresql; the tracking-server test will be skipped"; \
+	else echo "note: run 'sudo apt-get install postgresql' for make tracking-server and its test"; fi
+
+# A private PostgreSQL cluster in .tracking/pg and `mlflow server` over it, both on 127.0.0.1; Ctrl-C stops both.
+tracking-server: install postgres  ## MLflow server on http://127.0.0.1:5050 over PostgreSQL (ARGS="--port N")
+	$(PY) -m pipelines.tracking_server $(ARGS)
 
 plots: install  ## DVC plots as HTML in reports/plots/, with vendored vega scripts (works offline)
 	rm -rf reports/plots && mkdir -p reports/plots/vendor

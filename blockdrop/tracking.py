@@ -29,7 +29,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterable, Iterator, Mapping
-from contextlib import closing, contextmanager
+from contextlib import closing, contextmanager, suppress
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -207,21 +207,50 @@ def _artifact_location(uri: str) -> str | None:
     return (db.parent / "mlartifacts").as_uri()
 
 
-def _check_reachable(uri: str, timeout: float = REACH_TIMEOUT_S) -> None:
-    """Fail in seconds, with one clear line, instead of after MLflow's retries."""
+def _unreachable(uri: str, timeout: float = REACH_TIMEOUT_S) -> TrackingUnavailable | None:
+    """The error to raise if the tracking server at ``uri`` does not answer (None: it does, or it is no server)."""
     if not uri.startswith(("http://", "https://")):
-        return
+        return None
     try:
         urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout).close()
     except urllib.error.HTTPError:
-        return  # it answered (401, 404 behind a proxy...): reachable
+        return None  # it answered (401, 404 behind a proxy...): reachable
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
         if isinstance(reason, ssl.SSLError):
-            return  # it answered; MLFLOW_TRACKING_INSECURE_TLS may let mlflow accept the certificate
-        raise TrackingUnavailable(
-            f"MLflow tracking server {uri} is unreachable ({reason}); start it or set MLFLOW_TRACKING_URI"
-        ) from None
+            return None  # it answered; MLFLOW_TRACKING_INSECURE_TLS may let mlflow accept the certificate
+        return TrackingUnavailable(
+            f"MLflow tracking server {uri} is unreachable ({reason}); start it or set MLFLOW_TRACKING_URI")
+    return None
+
+
+def _check_reachable(uri: str, timeout: float = REACH_TIMEOUT_S) -> None:
+    """Fail in seconds, with one clear line, instead of after MLflow's retries."""
+    if error := _unreachable(uri, timeout):
+        raise error from None
+
+
+def _server_errors() -> tuple[type[BaseException], ...]:
+    """What a call to a tracking server raises when the server is gone: MLflow wraps connection errors in
+    MlflowException; an artifact upload through the server's proxy can raise requests' own errors."""
+    from requests.exceptions import RequestException  # an mlflow dependency, imported with it
+
+    return MlflowException, RequestException
+
+
+@contextmanager
+def _no_http_retries() -> Iterator[None]:
+    """MLflow's HTTP calls without their retries (read from the environment at each call): for the last call
+    to a server already known to be gone, which would otherwise wait through its back-off for nothing."""
+    previous = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES", None)
+        else:
+            os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = previous
 
 
 def _experiment_id(client: MlflowClient, name: str, uri: str) -> str:
@@ -312,7 +341,7 @@ class StageRun:
     """The handle a stage logs through; every call names the run explicitly (no global state)."""
 
     def __init__(self, client: MlflowClient, run_id: str, previous_run_id: str | None = None):
-        self.client, self.run_id = client, run_id
+        self.client, self.run_id, self.uri = client, run_id, tracking_uri()
         self.previous_run_id = previous_run_id  # the stage's last run in this folder, if it did not finish
 
     @_timed
@@ -336,19 +365,26 @@ class StageRun:
         """One epoch's metrics, with the epoch as the step (so MLflow plots them as curves).
 
         A curve point is not worth a stage: a write that fails (a locked SQLite store, a server that
-        blinks) is retried with back-off, then given up with a warning. The final metrics are not retried
-        this way: losing those must fail the stage.
+        blinks) is retried with back-off, then given up with a warning. A server still unreachable after the
+        back-off is gone, not blinking: that raises :class:`TrackingUnavailable` and the stage stops (a rerun
+        resumes from the last epoch's saved state) rather than train on with nothing recorded. The final
+        metrics are not retried this way: losing those must fail the stage.
         """
+        error: Exception | None = None
         for attempt in range(EPOCH_LOG_ATTEMPTS):
+            if attempt:
+                time.sleep(EPOCH_LOG_BACKOFF_S * 2 ** (attempt - 1))
+                if _unreachable(self.uri):
+                    continue  # a health check costs nothing; a write to a dead server costs MLflow's retries
             try:
                 self.log_metrics(metrics, step=step)
                 return
-            except MlflowException as error:
-                if attempt == EPOCH_LOG_ATTEMPTS - 1:
-                    _log.warning("epoch %d metrics not logged to run %s after %d attempts: %s", step,
-                                 self.run_id, EPOCH_LOG_ATTEMPTS, str(error).splitlines()[0][:200])
-                    return
-                time.sleep(EPOCH_LOG_BACKOFF_S * 2**attempt)
+            except MlflowException as e:
+                error = e
+        if gone := _unreachable(self.uri):
+            raise gone from None
+        _log.warning("epoch %d metrics not logged to run %s after %d attempts: %s", step, self.run_id,
+                     EPOCH_LOG_ATTEMPTS, str(error).splitlines()[0][:200])
 
     @_timed
     def log_artifacts(self, paths: Iterable[str | Path]) -> None:
@@ -497,10 +533,13 @@ def _write_lease(stage: str, run_id: str) -> None:
 def stage_run(stage: str, params: Params, data_sha256: str | None = None) -> Iterator[StageRun]:
     """One MLflow run named ``stage``, nested under ``$BLOCKDROP_PARENT_RUN_ID`` when the flow set it.
 
-    Raises :class:`TrackingUnavailable` before any work if the server is down. An exception inside the
-    block marks the run FAILED and propagates. While the run is open, a lease ``checkpoints/<stage>.run.json``
-    names it; one left behind by a killed process gets its run marked KILLED by the next start, whose run
-    then knows it as ``previous_run_id`` (see :meth:`StageRun.mark_resumed`).
+    While the run is open, a lease ``checkpoints/<stage>.run.json`` names it; one left behind by a killed
+    process gets its run marked KILLED by the next start, whose run then knows it as ``previous_run_id`` (see
+    :meth:`StageRun.mark_resumed`). An exception inside the block marks the run FAILED and propagates.
+
+    Raises :class:`TrackingUnavailable` before any work if the server is down, and if it goes away during the
+    block (a tracking call fails and ``/health`` no longer answers): the run is then left RUNNING on a server
+    that cannot be told otherwise, and its lease stays for the next start to mark it KILLED.
     """
     t0 = time.perf_counter()
     with _clock():
@@ -526,17 +565,35 @@ def stage_run(stage: str, params: Params, data_sha256: str | None = None) -> Ite
         _log_prepared_input(stage, params)
         if flat:
             client.log_batch(run.run_id, params=[Param(k, str(v)) for k, v in flat.items()])
-    status = "FAILED"
+    status, gone = "FAILED", None
     try:
-        yield run
-        status = "FINISHED"
+        try:
+            yield run
+            status = "FINISHED"
+        except TrackingUnavailable as error:
+            gone = error
+            raise
+        except _server_errors() as error:
+            # One line naming the URI, not MLflow's traceback through urllib3, when the server went away.
+            if (gone := _unreachable(run.uri)) is None:
+                raise
+            raise gone from error
+        finally:
+            current = mlflow.active_run()
+            if current is not None and current.info.run_id == run.run_id:  # the block may have ended it
+                if gone is None:
+                    with _clock():
+                        _log_own_cost(run)
+                        mlflow.end_run(status)
+                else:  # end it in this process; its one call to the server fails at once
+                    with _no_http_retries(), suppress(*_server_errors()):
+                        mlflow.end_run(status)
+    except _server_errors() as error:  # ending the run: the server went away after the block's last call
+        if (gone := _unreachable(run.uri)) is None:
+            raise
+        raise gone from error
     finally:
-        current = mlflow.active_run()
-        if current is not None and current.info.run_id == run.run_id:  # the block may have ended it
-            with _clock():
-                _log_own_cost(run)
-                mlflow.end_run(status)
-        if status == "FINISHED":  # a failed run's lease stays: the rerun that resumes its state names it
+        if status == "FINISHED" and gone is None:  # a failed run's lease stays: the rerun that resumes names it
             _lease_path(stage).unlink(missing_ok=True)
         _record_times(stage, time.perf_counter() - t0)
 
@@ -669,18 +726,29 @@ def latest_stage_runs(stage: str, dvc_exps: Iterable[str]) -> dict[str, str]:
     return found
 
 
-def ui_address(experiment: str = "blockdrop", ui: str = UI) -> str:
+def _ui(ui: str | None) -> str:
+    """``ui``, else the tracking server itself (it serves the UI too), else ``make ui``'s address."""
+    if ui:
+        return ui
+    uri = tracking_uri()
+    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else UI
+
+
+def ui_address(experiment: str = "blockdrop", ui: str | None = None) -> str:
     """Where ``make ui`` sends a user: the experiment's runs table in the UI's model-training view.
 
     mlflow 3.17's UI picks GenAI or model training per browser (GenAI unless switched) and does not read the
     experiment's ``mlflow.experimentKind``; only the address's ``workflowType`` opens it on the runs.
     """
+    ui = _ui(ui)
     exp = _client().get_experiment_by_name(experiment)
     return f"{ui}/#/experiments/{exp.experiment_id}/runs?{UI_VIEW}" if exp else f"{ui}/#/experiments?{UI_VIEW}"
 
 
-def ui_links(parent_run_id: str, run_ids: list[str], ui: str = UI) -> dict[str, str]:
-    """Addresses in the MLflow UI (``make ui``): the parent run, and the compare view of ``run_ids``."""
+def ui_links(parent_run_id: str, run_ids: list[str], ui: str | None = None) -> dict[str, str]:
+    """Addresses in the MLflow UI (``make ui``, or the tracking server's own): the parent run, and the compare
+    view of ``run_ids``."""
+    ui = _ui(ui)
     experiment_id = _client().get_run(parent_run_id).info.experiment_id
 
     def quoted(ids: list[str]) -> str:

@@ -212,6 +212,38 @@ def test_unreachable_server_fails_fast(store: MlflowClient, monkeypatch) -> None
     assert "\n" not in str(err.value)
 
 
+def test_a_server_that_goes_away_mid_run_stops_the_stage_with_one_line(store: MlflowClient, monkeypatch) -> None:
+    """An epoch's write fails and ``/health`` no longer answers: not a blink, so the stage stops at once with
+    TrackingUnavailable naming the URI (not MLflow's traceback), and the run's lease stays behind for the next
+    start to mark it KILLED. (tests/test_tracking_server.py does this against a real server.)"""
+    from mlflow.exceptions import MlflowException
+
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        gone = f"http://127.0.0.1:{s.getsockname()[1]}"
+    monkeypatch.setattr(tracking, "EPOCH_LOG_BACKOFF_S", 0.0)
+    start = time.monotonic()
+    with pytest.raises(tracking.TrackingUnavailable, match=gone) as err, \
+            tracking.stage_run("pretrain", Params()) as run:
+        run.uri = gone  # as if the server the run was opened on had just stopped
+
+        def dead(*args, **kwargs):
+            raise MlflowException(f"API request to {gone}/api/2.0/mlflow/runs/log-batch failed: refused")
+
+        monkeypatch.setattr(run.client, "log_batch", dead)
+        run.log_epoch({"train/loss": 0.5}, step=1)
+        pytest.fail("the stage must stop at the epoch whose point cannot be logged")
+    assert time.monotonic() - start < 10
+    assert "\n" not in str(err.value) and "unreachable" in str(err.value)
+    assert Path("checkpoints/pretrain.run.json").exists()
+
+    # A final write (not an epoch's point) that fails the same way stops the stage the same way.
+    with pytest.raises(tracking.TrackingUnavailable, match=gone), tracking.stage_run("finetune", Params()) as run:
+        run.uri = gone
+        monkeypatch.setattr(run.client, "log_batch", dead)
+        run.log_metrics({"test": {"accuracy": 0.5}})
+
+
 def test_stage_param_keys(tmp_path: Path) -> None:
     spec = {
         "stages": {
