@@ -130,7 +130,10 @@ def _terminate(signum: int, frame: Any) -> None:
 
 def worker(root: Path, env: dict[str, str], extra: list[str]) -> int:
     """``prefect worker start --pool <pool> [extra]`` until it exits (or Ctrl-C / SIGTERM); its exit code."""
-    proc = subprocess.Popen(_prefect("worker", "start", "--pool", pool_name(root), *extra), env=env, cwd=root)
+    # The worker stops on SIGINT (and turns SIGTERM into one); started in the background (`make worker &`,
+    # nohup) it would inherit SIGINT ignored and never stop. Give it the default disposition back.
+    proc = subprocess.Popen(_prefect("worker", "start", "--pool", pool_name(root), *extra), env=env, cwd=root,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         return proc.wait()
     except KeyboardInterrupt as stop:
