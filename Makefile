@@ -13,8 +13,8 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DVC_NO_ANALYTICS := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help install data repro test test-slow lint plots ui serve flow retrain schedule sweep browser push pull sshd \
-	postgres tracking-server
+.PHONY: help install data repro test test-slow lint plots ui serve flow retrain schedule deploy worker sweep browser \
+	push pull sshd postgres tracking-server
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -56,6 +56,15 @@ retrain: install data  ## run the retrain flow once: the pipeline, then champion
 
 schedule: install data  ## serve the retrain flow on flow.cron (starts a Prefect server on 127.0.0.1:4200 if none)
 	$(PY) -m pipelines.flow serve --port 4200
+
+# prefect.yaml: the three flows as deployments on the `process` work pool `blockdrop`, retrain on flow.cron (UTC).
+# Both targets use PREFECT_API_URL when set (a shared server), else the server on 127.0.0.1:4200 (make schedule's),
+# started for the command if none answers. A worker runs the flow runs in this checkout: start one per machine.
+deploy: install  ## create the Prefect work pool `blockdrop` if missing and deploy prefect.yaml's flows to it
+	$(PY) -m pipelines.pool deploy
+
+worker: install data  ## a Prefect worker on the pool: runs the deployments' flow runs here (ARGS="--limit 1")
+	$(PY) -m pipelines.pool worker $(ARGS)
 
 sweep: install data  ## every setting of sweep.grid as a DVC experiment; reports/sweep/ (ARGS="--set key=v1,v2")
 	$(PY) -m pipelines.flow sweep $(ARGS)

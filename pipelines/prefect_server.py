@@ -1,7 +1,8 @@
 """A local ``prefect server start`` as a child process: find one answering, or start one and stop it after.
 
-Used by ``python -m pipelines.flow serve`` (``make schedule``) and by ``bench/overhead.py``. It runs the
-``prefect`` command and never imports Prefect, which stays ``pipelines/flow.py``'s alone.
+Used by ``python -m pipelines.flow serve`` (``make schedule``), ``python -m pipelines.pool`` (``make deploy``,
+``make worker``) and ``bench/overhead.py``. It runs the ``prefect`` command and never imports Prefect, which stays
+``pipelines/flow.py``'s and ``pipelines/sweep.py``'s alone.
 """
 
 from __future__ import annotations
