@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
@@ -93,8 +94,14 @@ def rest(uri: str, endpoint: str, body: dict | None = None, **query: str) -> Any
 
 
 def runs_of(uri: str, experiment: str, query: str = "") -> list[dict]:
-    """Every run of ``experiment`` matching ``query``, as the REST API returns them (info, data, inputs)."""
-    exp = rest(uri, "experiments/get-by-name", experiment_name=experiment)["experiment"]["experiment_id"]
+    """Every run of ``experiment`` matching ``query``, as the REST API returns them (info, data, inputs);
+    none while the experiment does not exist yet (a stage creates it on its first run: 404 until then)."""
+    try:
+        exp = rest(uri, "experiments/get-by-name", experiment_name=experiment)["experiment"]["experiment_id"]
+    except urllib.error.HTTPError as error:
+        if error.code == 404:
+            return []
+        raise
     runs, token = [], None
     while True:
         page = rest(uri, "runs/search", {"experiment_ids": [exp], "filter": query, "max_results": 1000,
