@@ -26,7 +26,8 @@ def api_url(port: int) -> str:
 
 
 def healthy(api: str, timeout: float = 2.0) -> bool:
-    """Whether a Prefect API answers its health check at ``api``."""
+    """Whether a server answers ``GET <api>/health`` with 200: a Prefect API here, an MLflow server in
+    ``pipelines/tracking_server.py`` (both have that endpoint)."""
     try:
         with urllib.request.urlopen(f"{api}/health", timeout=timeout) as response:
             return response.status == 200

@@ -27,11 +27,12 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
+
+from pipelines.prefect_server import healthy  # the same GET <url>/health check; MLflow's server has one too
 
 __all__ = ["MlflowServer", "Postgres", "ServerError", "healthy", "tracking_server"]
 
@@ -44,15 +45,6 @@ STARTUP_TIMEOUT_S = 180.0  # a busy 2-core machine needs a minute or more to imp
 
 class ServerError(RuntimeError):
     """PostgreSQL or the MLflow server cannot be set up or started; the message says what to do."""
-
-
-def healthy(uri: str, timeout: float = 2.0) -> bool:
-    """Whether an MLflow server answers its health check at ``uri``."""
-    try:
-        with urllib.request.urlopen(f"{uri}/health", timeout=timeout) as response:
-            return response.status == 200
-    except OSError:
-        return False
 
 
 def pg_bin() -> Path:
