@@ -231,6 +231,13 @@ class Analyze(Section):
     dpi: Annotated[int, Field(ge=50, le=600)] = 150
 
 
+class Distributed(Section):
+    # Data-parallel training (pretrain, curriculum, finetune): above 1, a stage relaunches itself under
+    # `torchrun --nproc_per_node <nproc>` (gloo on CPU, NCCL on GPUs); batch sizes stay the global batch
+    nproc: PositiveInt = 1
+    sync_bn: bool = True  # GPUs: synchronise BatchNorm across ranks in the networks every rank runs whole
+
+
 class Report(Section):
     title: str = "BlockDrop reproduction"
 
@@ -360,6 +367,7 @@ class Params(Section):
     pretrain: Pretrain = Pretrain()
     curriculum: Curriculum = Curriculum()
     finetune: Finetune = Finetune()
+    dist: Distributed = Distributed()
     evaluate: Evaluate = Evaluate()
     analyze: Analyze = Analyze()
     report: Report = Report()
@@ -388,6 +396,11 @@ class Params(Section):
             raise Conflict(("evaluate.latency_warmup", "evaluate.latency_images", "data.test_limit"),
                            f"{self.evaluate.latency_warmup} warm-up + {self.evaluate.latency_images} timed images "
                            f"exceed the {self.data.test_limit} test images kept")
+        uneven = [f"{stage}.batch_size" for stage in ("pretrain", "curriculum", "finetune")
+                  if getattr(self, stage).batch_size % self.dist.nproc]
+        if uneven:
+            raise Conflict((*uneven, "dist.nproc"), f"a global batch must split evenly over the "
+                           f"{self.dist.nproc} processes")
         _swept(self)
         return self
 
@@ -435,6 +448,13 @@ def check_data_fit(params: Params, stage: str, shape: list[int] | tuple[int, ...
         if p.crop_size > side + 2 * p.crop_padding:
             problems.append(f"pretrain.crop_size, pretrain.crop_padding: a {p.crop_size}x{p.crop_size} crop does "
                             f"not fit {side}x{side} images padded by {p.crop_padding}")
+    if stage in ("pretrain", "curriculum", "finetune") and params.dist.nproc > 1:
+        # Distributed epochs drop their last incomplete global batch: fewer images than one batch train nothing.
+        section = getattr(params, stage)
+        images = min(sizes.get("train", 0), getattr(section, "images_per_epoch", sizes.get("train", 0)))
+        if images < section.batch_size:
+            problems.append(f"{stage}.batch_size, dist.nproc: with several processes an epoch needs at least one "
+                            f"whole batch of {section.batch_size}, the training split gives {images} images")
     if stage in ("curriculum", "finetune") and sizes.get("val", 0) < 1:
         problems.append(f"data.val_size: stage {stage} needs validation images, the prepared val split is empty")
     if stage == "evaluate":

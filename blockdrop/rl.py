@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from blockdrop.dist import SINGLE, Dist
+
 __all__ = [
     "bernoulli_entropy",
     "bound_probs",
@@ -27,9 +29,12 @@ def bound_probs(probs: torch.Tensor, alpha: float) -> torch.Tensor:
     return alpha * probs + (1 - alpha) * (1 - probs)
 
 
-def sample_actions(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Bernoulli samples of ``probs`` drawn from a CPU ``generator`` (reproducible on any device)."""
-    u = torch.rand(probs.shape, generator=generator).to(probs.device)
+def sample_actions(probs: torch.Tensor, generator: torch.Generator, dist: Dist = SINGLE) -> torch.Tensor:
+    """Bernoulli samples of ``probs`` drawn from a CPU ``generator`` (reproducible on any device).
+
+    With several ranks (``dist``), ``probs`` holds this rank's rows of the global batch: the uniforms of the
+    whole global batch are drawn and this rank's rows kept, so every rank's generator stays in step."""
+    u = dist.local(torch.rand((len(probs) * dist.world, *probs.shape[1:]), generator=generator)).to(probs.device)
     return (u < probs).to(probs.dtype)
 
 

@@ -7,8 +7,10 @@ which turns the failures a user can fix into one line on stderr and exit code 1,
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
+import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,20 +19,23 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from blockdrop import dist
 from blockdrop.config import Params, ParamsError, check_data_fit, load_params, refuse
 from blockdrop.data import DataSourceError, FolderSplit, Meta, Normalize, Split, load_meta, load_split
 from blockdrop.files import CheckpointError, write_csv, write_json
 from blockdrop.lineage import resume_key
 from blockdrop.runtime import resolve_precision, seed_everything, select_device
-from blockdrop.supervision import watch_supervisor
+from blockdrop.supervision import watch_launcher, watch_supervisor
 from blockdrop.train.guard import NonFiniteError
 
 if TYPE_CHECKING:
     from blockdrop.tracking import StageRun
 
-__all__ = ["DATA_DIR", "StageContext", "check_fit", "failures_reported", "load_data", "publish", "start"]
+__all__ = ["DATA_DIR", "DISTRIBUTED", "StageContext", "UnrecordedRun", "check_fit", "failures_reported", "load_data",
+           "publish", "start", "tracked_run"]
 
 DATA_DIR = Path("data/prepared")
+DISTRIBUTED = ("pretrain", "curriculum", "finetune")  # the stages that train data-parallel when dist.nproc > 1
 log = logging.getLogger("blockdrop")
 
 
@@ -42,6 +47,7 @@ class StageContext:
     generator: torch.Generator  # CPU generator for data order, augmentation and sampling
     precision: str
     run_key: str  # hash of the params and inputs deciding the result: a resume checkpoint must carry the same
+    dist: dist.Dist = dist.SINGLE  # this process's rank in a torchrun job (blockdrop.dist)
 
     @property
     def state_path(self) -> Path:
@@ -64,11 +70,49 @@ def start(name: str, params_path: str = "params.yaml") -> StageContext:
         device = select_device(params.device, params.threads)
     except ParamsError as e:
         raise refuse(e, params_path) from None
+    if name in DISTRIBUTED and params.dist.nproc > 1 and not dist.launched():
+        _check_fit_before_launch(name, params)
+        _relaunch_under_torchrun(name, params.dist.nproc)
+    me, device = dist.init(device)
+    if me.enabled:
+        watch_launcher(name)
+        atexit.register(dist.shutdown)
+        if not me.is_main:  # rank 0 tells what the job does; the others speak only when something goes wrong
+            logging.getLogger().setLevel(logging.WARNING)
     precision = resolve_precision(params.precision, device)
-    generator = seed_everything(params.seed)
+    generator = seed_everything(params.seed)  # the same on every rank: they draw in step (blockdrop.dist)
     key = resume_key(name, params)  # own + upstream params, md5 of every dvc.yaml dep (~0.2 s for 60 MB)
-    log.info("stage %s on %s (%s, %d threads)", name, device, precision, torch.get_num_threads())
-    return StageContext(name, params, device, generator, precision, key)
+    log.info("stage %s on %s (%s, %d threads%s)", name, device, precision, torch.get_num_threads(),
+             f", rank 0 of {me.world} processes" if me.enabled else "")
+    return StageContext(name, params, device, generator, precision, key, me)
+
+
+def _check_fit_before_launch(name: str, params: Params) -> None:
+    """Refuse params that cannot run on the prepared data here, with exit 2 and one line: once relaunched,
+    the ranks' refusals reach the user through torchrun, which exits 1 with its own report."""
+    try:
+        meta = load_meta(DATA_DIR)
+    except (DataSourceError, FileNotFoundError):
+        return  # no prepared data: the ranks say so, as one process would
+    try:
+        check_data_fit(params, name, meta.shape, meta.sizes)
+    except ParamsError as e:
+        raise refuse(e) from None
+
+
+def _relaunch_under_torchrun(name: str, nproc: int) -> None:
+    """Replace this process by ``torchrun --standalone --nproc_per_node <nproc> -m <this stage's module>``.
+
+    The same pid goes on (DVC, the flow's supervision and a kill see the launcher, which stops its workers when
+    it is stopped). Each worker gets an equal share of the cores (``OMP_NUM_THREADS``, unless set; torchrun
+    would give each one thread), and ``params.threads``, if not 0, still decides.
+    """
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    module = getattr(sys.modules["__main__"].__spec__, "name", None) or f"pipelines.{name}"
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", module]
+    log.info("stage %s: %d processes, relaunching as %s", name, nproc, " ".join(argv[1:]))
+    sys.stdout.flush()
+    os.execv(sys.executable, argv)
 
 
 def check_fit(ctx: StageContext, shape: tuple[int, ...] | list[int], sizes: dict[str, int]) -> None:
@@ -90,6 +134,27 @@ def load_data(ctx: StageContext, *splits: str) -> tuple[Meta, dict[str, Split | 
     check_fit(ctx, meta.shape, meta.sizes)
     loaded = {s: load_split(DATA_DIR, s, meta, workers=ctx.params.workers).to(ctx.device) for s in splits}
     return meta, loaded, Normalize(meta.mean, meta.std, ctx.device)
+
+
+class UnrecordedRun:
+    """The stage run of ranks other than 0: they train, rank 0 alone records (the loops call neither method
+    on them; this keeps the entry points free of rank checks around the ``with``)."""
+
+    def log_epoch(self, row: dict[str, float], step: int) -> None:
+        pass
+
+    def mark_resumed(self, epoch: int) -> None:
+        pass
+
+
+def tracked_run(ctx: StageContext, data_sha256: str | None = None) -> contextlib.AbstractContextManager:
+    """The stage's MLflow run (:func:`blockdrop.tracking.stage_run`) on rank 0; an :class:`UnrecordedRun` on
+    the other ranks of a distributed job."""
+    if not ctx.dist.is_main:
+        return contextlib.nullcontext(UnrecordedRun())
+    from blockdrop import tracking  # the one MLflow-aware module
+
+    return tracking.stage_run(ctx.name, ctx.params, data_sha256=data_sha256)
 
 
 def publish(run: StageRun, reports: Path, history: list[dict], metrics: dict, models: list[Path]) -> None:

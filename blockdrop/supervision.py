@@ -17,7 +17,7 @@ import time
 
 import psutil
 
-__all__ = ["SUPERVISOR_ENV", "watch_supervisor"]
+__all__ = ["SUPERVISOR_ENV", "watch_launcher", "watch_supervisor"]
 
 SUPERVISOR_ENV = "BLOCKDROP_SUPERVISOR_PID"
 CHECK_EVERY_S = 1.0
@@ -33,12 +33,12 @@ def _alive(pid: int, created: float) -> bool:
         return False
 
 
-def _watch(stage: str, pid: int, created: float) -> None:
+def _watch(stage: str, pid: int, created: float, what: str) -> None:
     while _alive(pid, created):
         time.sleep(CHECK_EVERY_S)
     # Best effort: this stderr is often a pipe the dead flow was reading, so writing may fail (EPIPE).
     with contextlib.suppress(OSError):
-        print(f"error: stage {stage}: the flow that started it (pid {pid}) is gone: stopping", file=sys.stderr,
+        print(f"error: stage {stage}: {what} that started it (pid {pid}) is gone: stopping", file=sys.stderr,
               flush=True)
     # SIGTERM first, so a handler (if the stage has one) may still clean up; by default it ends the process.
     os.kill(os.getpid(), signal.SIGTERM)
@@ -52,11 +52,23 @@ def watch_supervisor(stage: str) -> threading.Thread | None:
     value = os.environ.get(SUPERVISOR_ENV)
     if not value:
         return None
-    pid = int(value)
+    return _start_watch(stage, int(value), "the flow")
+
+
+def watch_launcher(stage: str) -> threading.Thread:
+    """Start a daemon thread that ends this torchrun worker once its launcher (the parent process) is gone.
+
+    torchrun starts every worker in a session of its own, so a SIGKILL of the launcher's process group (a
+    killed ``dvc repro``, a test) never reaches the workers: without this they would train on, unsupervised,
+    and rank 0 would write outputs that no run asked for any more."""
+    return _start_watch(stage, os.getppid(), "the torchrun launcher")
+
+
+def _start_watch(stage: str, pid: int, what: str) -> threading.Thread:
     try:
         created = psutil.Process(pid).create_time()
     except psutil.Error:
         created = -1.0  # already gone: the thread stops this process at its first check
-    thread = threading.Thread(target=_watch, args=(stage, pid, created), name="supervisor-watch", daemon=True)
+    thread = threading.Thread(target=_watch, args=(stage, pid, created, what), name="supervisor-watch", daemon=True)
     thread.start()
     return thread

@@ -28,13 +28,15 @@ def main() -> None:
         meta, data, normalize = stage.load_data(ctx, "train", "val")
         backbone = load_backbone(BACKBONE).to(ctx.device, memory_format=torch.channels_last)
         policy_net = load_policy(POLICY).to(ctx.device, memory_format=torch.channels_last)
-        with tracking.stage_run("finetune", p, data_sha256=meta.data_sha256) as run:
+        with stage.tracked_run(ctx, meta.data_sha256) as run:
             history = finetune_jointly(
                 backbone, policy_net, data["train"], data["val"], normalize, p.finetune, ctx.generator,
                 ctx.precision, checkpoint=ctx.state_path, run_key=ctx.run_key,
                 on_epoch=lambda row: run.log_epoch(row, step=int(row["epoch"])),
-                on_resume=run.mark_resumed, compile_model=p.compile,
+                on_resume=run.mark_resumed, compile_model=p.compile, dist=ctx.dist, sync_bn=p.dist.sync_bn,
             )
+            if not ctx.dist.is_main:
+                return  # rank 0 alone scores the model and writes the outputs
             last = history[-1]
             metrics = {
                 "val": {"accuracy": last["val/accuracy"], "blocks_mean": last["val/blocks_mean"],

@@ -51,12 +51,16 @@ STAGE_CASES = [
     ("analyze", "analyze: {dpi: 10}", "analyze.dpi"),
     ("report", "report: {title: null}", "report.title"),
     ("finetune", "tracking: {experiment: ''}", "tracking.experiment"),
+    # Two processes drop an epoch's last incomplete batch: 32 images per epoch make no batch of 64.
+    ("curriculum", "{dist: {nproc: 2}, curriculum: {images_per_epoch: 32}}", "curriculum.batch_size"),
     ("prepare", "flow: {cron: every monday}", "flow.cron"),
 ]
 
 # Refused by the schema alone: checked in-process through load_params, the code path every stage starts with
 # (the subprocess cases above show that path exits 2 with one line for every stage).
 SCHEMA_CASES = [
+    ("dist: {nproc: 0}", "dist.nproc"),
+    ("dist: {nproc: 3}", "pretrain.batch_size"),  # the tiny profile's global batches (32, 64) do not split in 3
     ("seed: 1.5", "seed"),
     ("threads: null", "threads"),
     ("workers: -1", "workers"),

@@ -13,6 +13,7 @@ import torch
 
 from blockdrop.data.folder import FolderSplit, folder_batches
 from blockdrop.data.prepared import Split
+from blockdrop.dist import SINGLE, Dist
 
 __all__ = ["Normalize", "batches", "random_crop", "random_flip"]
 
@@ -66,18 +67,24 @@ def batches(
     flip: bool = False,
     limit: int | None = None,
     drop_last: bool = False,
+    dist: Dist = SINGLE,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield ``(x, y)`` batches of at most ``limit`` images of ``split`` (already on its device).
 
     ``generator`` (a CPU generator) drives the shuffle and the augmentation, so a run is reproducible.
     A folder split crops its images itself (random for train, centred otherwise): padding and crop size are
     for the in-memory splits (params.yaml refuses them for ImageNet).
+
+    ``dist`` with several ranks: ``batch_size`` is the global batch, each rank gets its own rows of it
+    (:meth:`Dist.rows`) and the last incomplete batch is dropped. The order and the augmentation of the whole
+    global batch are still drawn on every rank, so every rank's generator stays in step (:mod:`blockdrop.dist`).
     """
+    drop_last = drop_last or dist.enabled
     if isinstance(split, FolderSplit):
         if crop_padding or crop_size:
             raise ValueError("crop_padding / crop_size apply to in-memory splits; a folder split crops to image_size")
         yield from folder_batches(split, batch_size, normalize, generator=generator, shuffle=shuffle, flip=flip,
-                                  limit=limit, drop_last=drop_last)
+                                  limit=limit, drop_last=drop_last, dist=dist)
         return
     n = len(split)
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
@@ -91,4 +98,4 @@ def batches(
             images = random_crop(images, crop_padding, generator, crop_size)
         if flip:
             images = random_flip(images, generator)
-        yield normalize(images), split.labels[idx]
+        yield normalize(dist.local(images)), split.labels[dist.local(idx)]

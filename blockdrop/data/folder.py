@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from blockdrop.data.sources import DataSourceError
+from blockdrop.dist import SINGLE, Dist
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "FolderImages", "FolderSplit", "decode_index", "decode_rgb", "decode_rgb_batch",
@@ -214,10 +215,12 @@ def folder_batches(
     flip: bool = False,
     limit: int | None = None,
     drop_last: bool = False,
+    dist: Dist = SINGLE,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """:func:`blockdrop.data.batches` for a folder split: ``(x, y)`` batches on the split's device.
 
-    The order, then every image's crop (train split) and flip are drawn here from ``generator``, in that order.
+    The order, then every image's crop (train split) and flip are drawn here from ``generator``, in that order,
+    for the whole epoch; with several ranks (``dist``) each decodes only its rows of every global batch.
     """
     n = len(split)
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
@@ -228,7 +231,7 @@ def folder_batches(
     flips = (torch.rand(m, generator=generator) < 0.5).tolist() if flip else [False] * m
     keys = [(i, None if c is None else (c[0], c[1]), f) for i, c, f in zip(order.tolist(), crops, flips, strict=True)]
     stop = m - (m % batch_size if drop_last else 0)
-    plan = [keys[start : min(start + batch_size, stop)] for start in range(0, stop, batch_size)]
+    plan = [dist.local(keys[start : min(start + batch_size, stop)]) for start in range(0, stop, batch_size)]
     for batch_keys, images in zip(plan, _pass(split, plan), strict=True):
         idx = torch.tensor([k[0] for k in batch_keys], device=split.labels.device)
         yield normalize(images), split.labels[idx]

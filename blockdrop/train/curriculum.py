@@ -22,6 +22,7 @@ from tqdm import tqdm
 from blockdrop import rl
 from blockdrop.config import Curriculum
 from blockdrop.data import Normalize, Split, batches
+from blockdrop.dist import SINGLE, Dist, all_reduce_sum, data_parallel, sync_batchnorm
 from blockdrop.models import BlockResNet, PolicyNet
 from blockdrop.predict import policy_summary, run_policy
 from blockdrop.runtime import compiled
@@ -57,22 +58,34 @@ def train_curriculum(
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     on_resume: Callable[[int], None] | None = None,
     compile_model: bool = False,
+    dist: Dist = SINGLE,
+    sync_bn: bool = True,
 ) -> list[dict[str, float]]:
     """Train ``policy_net`` in place; return one history row per epoch.
 
     ``compile_model``: the training forwards run through ``torch.compile`` (:func:`blockdrop.runtime.compiled`);
     the networks passed in keep the weights.
+    ``dist``: one rank of a data-parallel job (:mod:`blockdrop.dist`); rank 0 alone validates, saves the resume
+    state and calls ``on_epoch``/``on_resume``. ``sync_bn``: on GPUs, synchronised BatchNorm where every rank
+    runs every layer.
     """
     backbone.eval().requires_grad_(False)  # frozen: BN uses its running statistics, no weight changes
+    policy_net = sync_batchnorm(dist, policy_net, sync_bn)
     optimizer = torch.optim.Adam(policy_net.parameters(), lr=cfg.lr)
     parts = {"policy": policy_net, "optimizer": optimizer}
-    start, history = resume_state(checkpoint, run_key, parts, generator)
-    if start and on_resume is not None:
+    start, history = resume_state(checkpoint, run_key, parts, generator, may_set_aside=dist.is_main)
+    if start and on_resume is not None and dist.is_main:
         on_resume(start)  # e.g. tag the stage's run: it continues a killed one
     num_blocks = backbone.num_blocks
-    steps = math.ceil(min(cfg.images_per_epoch, len(train)) / cfg.batch_size)
+    images = min(cfg.images_per_epoch, len(train))
+    steps = images // cfg.batch_size if dist.enabled else math.ceil(images / cfg.batch_size)
     scored = val.head(cfg.val_images)  # a per-epoch curve only: it draws no random numbers, changes no weights
     backbone_fwd, policy_fwd = compiled(backbone, compile_model), compiled(policy_net, compile_model)
+    # Compiled, the frozen backbone runs the dense masked form: in eval mode it gives the sparse form's
+    # logits, and its shapes do not change with the actions, so one graph serves every step.
+    step_rollout = data_parallel(dist, lambda x, y, learnable: rollout(
+        backbone_fwd, policy_fwd, x, y, alpha=cfg.alpha, penalty=cfg.penalty, learnable=learnable,
+        generator=generator, precision=precision, masked=compile_model, dist=dist), [policy_net], skips_blocks=False)
 
     for epoch in range(start, cfg.epochs):
         learnable = learnable_blocks(epoch, 0, steps, num_blocks, cfg.unlock_every)
@@ -80,14 +93,11 @@ def train_curriculum(
         totals = {"reward": 0.0, "accuracy": 0.0, "blocks": 0.0, "advantage": 0.0}
         seen = 0
         stream = batches(train, cfg.batch_size, normalize, generator=generator, shuffle=True,
-                         crop_padding=cfg.crop_padding, flip=cfg.flip, limit=cfg.images_per_epoch)
+                         crop_padding=cfg.crop_padding, flip=cfg.flip, limit=cfg.images_per_epoch, dist=dist)
         for step, (x, y) in enumerate(tqdm(stream, total=steps, desc=f"curriculum {epoch + 1}/{cfg.epochs}",
-                                           leave=False, mininterval=5), 1):
+                                           leave=False, mininterval=5, disable=not dist.is_main), 1):
             learnable = learnable_blocks(epoch, step - 1, steps, num_blocks, cfg.unlock_every)
-            # Compiled, the frozen backbone runs the dense masked form: in eval mode it gives the sparse form's
-            # logits, and its shapes do not change with the actions, so one graph serves every step.
-            r = rollout(backbone_fwd, policy_fwd, x, y, alpha=cfg.alpha, penalty=cfg.penalty,
-                        learnable=learnable, generator=generator, precision=precision, masked=compile_model)
+            r = step_rollout(x, y, learnable)
             loss = rl.policy_gradient_loss(r.bounded, r.actions, r.advantage, learnable, beta=cfg.beta)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -100,6 +110,10 @@ def train_curriculum(
             totals["blocks"] += r.actions.sum().item()
             totals["advantage"] += r.advantage.sum().item()
         check_weights({"policy": policy_net}, epoch + 1)
+        sums = all_reduce_sum(dist, {**totals, "seen": seen})
+        seen, totals = sums.pop("seen"), sums
+        if not dist.is_main:
+            continue  # rank 0 validates and saves; the others wait for it in the next step's gradient exchange
         # Validate the greedy policy under the same curriculum (as unlocked at the epoch's end): the forced-on
         # blocks stay on.
         logits, actions = run_policy(backbone, policy_net, scored, normalize, precision=precision,

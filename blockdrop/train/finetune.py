@@ -27,6 +27,7 @@ from tqdm import tqdm
 from blockdrop import rl
 from blockdrop.config import Finetune
 from blockdrop.data import Normalize, Split, batches
+from blockdrop.dist import SINGLE, Dist, all_reduce_sum, data_parallel, sync_batchnorm
 from blockdrop.models import BlockResNet, PolicyNet
 from blockdrop.predict import policy_summary, run_policy
 from blockdrop.runtime import compiled
@@ -59,24 +60,40 @@ def finetune_jointly(
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     on_resume: Callable[[int], None] | None = None,
     compile_model: bool = False,
+    dist: Dist = SINGLE,
+    sync_bn: bool = True,
 ) -> list[dict[str, float]]:
     """Train ``backbone`` and ``policy_net`` in place; return one history row per epoch.
 
     ``compile_model``: the training forwards run through ``torch.compile`` (:func:`blockdrop.runtime.compiled`;
     it pays with ``execution: masked``, whose shapes do not depend on the actions); the networks passed in
     keep the weights.
+    ``dist``: one rank of a data-parallel job (:mod:`blockdrop.dist`); rank 0 alone validates, saves the resume
+    state and calls ``on_epoch``/``on_resume``. ``sync_bn``: on GPUs, synchronised BatchNorm where every rank
+    runs every layer: the policy network, and the backbone with ``execution: masked`` only (the sparse forward
+    skips blocks per image, so a rank may not enter a block the others do).
     """
     backbone.requires_grad_(True)
+    masked = cfg.execution == "masked"
+    policy_net = sync_batchnorm(dist, policy_net, sync_bn)
+    backbone = sync_batchnorm(dist, backbone, sync_bn and masked)
     base_lrs = (cfg.lr, cfg.backbone_lr or cfg.lr)  # policy, backbone: the rates before any decay
     optimizer = torch.optim.Adam([{"params": policy_net.parameters()},
                                   {"params": backbone.parameters(), "lr": base_lrs[1]}], lr=base_lrs[0])
     parts = {"policy": policy_net, "backbone": backbone, "optimizer": optimizer}
-    start, history = resume_state(checkpoint, run_key, parts, generator)
-    if start and on_resume is not None:
+    start, history = resume_state(checkpoint, run_key, parts, generator, may_set_aside=dist.is_main)
+    if start and on_resume is not None and dist.is_main:
         on_resume(start)  # e.g. tag the stage's run: it continues a killed one
     all_blocks = torch.ones(backbone.num_blocks, dtype=torch.bool)
-    steps = math.ceil(min(cfg.images_per_epoch, len(train)) / cfg.batch_size)
+    images = min(cfg.images_per_epoch, len(train))
+    steps = images // cfg.batch_size if dist.enabled else math.ceil(images / cfg.batch_size)
     backbone_fwd, policy_fwd = compiled(backbone, compile_model), compiled(policy_net, compile_model)
+    # One step (the policy, then the backbone under the sampled and the greedy actions) as one DDP forward; the
+    # sparse forward leaves the blocks no image of a rank kept without a gradient there.
+    step_rollout = data_parallel(dist, lambda x, y: rollout(
+        backbone_fwd, policy_fwd, x, y, alpha=cfg.alpha, penalty=cfg.penalty, learnable=all_blocks,
+        generator=generator, precision=precision, backbone_grad=True, greedy_grad=cfg.greedy_ce > 0,
+        masked=masked, dist=dist), [policy_net, backbone], skips_blocks=not masked)
 
     for epoch in range(start, cfg.epochs):
         for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
@@ -85,12 +102,10 @@ def finetune_jointly(
         totals = {"loss": 0.0, "ce": 0.0, "reward": 0.0, "accuracy": 0.0, "blocks": 0.0}
         seen = 0
         stream = batches(train, cfg.batch_size, normalize, generator=generator, shuffle=True,
-                         crop_padding=cfg.crop_padding, flip=cfg.flip, limit=cfg.images_per_epoch)
+                         crop_padding=cfg.crop_padding, flip=cfg.flip, limit=cfg.images_per_epoch, dist=dist)
         for step, (x, y) in enumerate(tqdm(stream, total=steps, desc=f"finetune {epoch + 1}/{cfg.epochs}",
-                                           leave=False, mininterval=5), 1):
-            r = rollout(backbone_fwd, policy_fwd, x, y, alpha=cfg.alpha, penalty=cfg.penalty,
-                        learnable=all_blocks, generator=generator, precision=precision, backbone_grad=True,
-                        greedy_grad=cfg.greedy_ce > 0, masked=cfg.execution == "masked")
+                                           leave=False, mininterval=5, disable=not dist.is_main), 1):
+            r = step_rollout(x, y)
             pg = rl.policy_gradient_loss(r.bounded, r.actions, r.advantage, reduction=cfg.pg_reduction)
             ce = F.cross_entropy(r.logits, y)
             if cfg.greedy_ce > 0:
@@ -108,6 +123,10 @@ def finetune_jointly(
             totals["accuracy"] += (r.logits.detach().argmax(1) == y).sum().item()
             totals["blocks"] += r.actions.sum().item()
         check_weights({"policy": policy_net, "backbone": backbone}, epoch + 1)
+        sums = all_reduce_sum(dist, {**totals, "seen": seen})
+        seen, totals = sums.pop("seen"), sums
+        if not dist.is_main:
+            continue  # rank 0 validates and saves; the others wait for it in the next step's gradient exchange
         logits, actions = run_policy(backbone, policy_net, val, normalize, precision=precision)
         summary = policy_summary(logits, actions, val.labels, cfg.penalty)
         row = {

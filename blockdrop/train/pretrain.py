@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from blockdrop.config import Pretrain
 from blockdrop.data import Normalize, Split, batches
+from blockdrop.dist import SINGLE, Dist, all_reduce_sum, data_parallel, sync_batchnorm
 from blockdrop.models import BlockResNet
 from blockdrop.predict import accuracy, predict
 from blockdrop.runtime import autocast, compiled
@@ -50,7 +51,7 @@ def drop_path_policy(batch: int, num_blocks: int, p_last: float, generator: torc
 
 
 def stochastic_depth_forward(
-    model: BlockResNet, x: torch.Tensor, p_last: float, unit: str, generator: torch.Generator
+    model: BlockResNet, x: torch.Tensor, p_last: float, unit: str, generator: torch.Generator, dist: Dist = SINGLE
 ) -> torch.Tensor:
     """Training logits under stochastic depth with last-block drop probability ``p_last``.
 
@@ -63,7 +64,8 @@ def stochastic_depth_forward(
         return model(x)
     if unit == "batch":
         return model.forward_skipping(x, drop_path_policy(1, model.num_blocks, p_last, generator)[0])
-    return model.forward_masked(x, drop_path_policy(len(x), model.num_blocks, p_last, generator).to(x.device))
+    policy = dist.local(drop_path_policy(len(x) * dist.world, model.num_blocks, p_last, generator))
+    return model.forward_masked(x, policy.to(x.device))
 
 
 def warmup_cosine(step: int, total: int, warmup: int) -> float:
@@ -99,13 +101,19 @@ def pretrain_backbone(
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     on_resume: Callable[[int], None] | None = None,
     compile_model: bool = False,
+    dist: Dist = SINGLE,
+    sync_bn: bool = True,
 ) -> PretrainResult:
     """Train ``model`` in place for ``cfg.epochs``; resume from ``checkpoint`` if it belongs to ``run_key``.
 
     ``compile_model``: the training forward runs through ``torch.compile`` (:func:`blockdrop.runtime.compiled`);
     ``model`` keeps the weights, and validation runs it eagerly.
+    ``dist``: one rank of a data-parallel job (:mod:`blockdrop.dist`). Every rank trains; rank 0 alone
+    validates, saves the resume state and calls ``on_epoch``/``on_resume``. ``sync_bn``: on GPUs, BatchNorm
+    statistics over the global batch (every rank runs the same blocks: the drop draws are shared).
     """
     device = train.images.device
+    model = sync_batchnorm(dist, model, sync_bn)
     decay, no_decay = [], []
     for p in model.parameters():
         (no_decay if p.ndim <= 1 else decay).append(p)  # no weight decay on BN and biases
@@ -113,7 +121,8 @@ def pretrain_backbone(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
     )
-    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    # Several ranks drop the last incomplete global batch (blockdrop.data.batches).
+    steps_per_epoch = len(train) // cfg.batch_size if dist.enabled else math.ceil(len(train) / cfg.batch_size)
     total, warmup = cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch)
     # The multiplier is a function of the step alone, and the scheduler's step count is saved with the state,
     # so a resumed run continues the same curve.
@@ -123,20 +132,25 @@ def pretrain_backbone(
 
     result = PretrainResult()
     parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
-    start, result.history = resume_state(checkpoint, run_key, parts, generator)
-    if start and on_resume is not None:
+    start, result.history = resume_state(checkpoint, run_key, parts, generator, may_set_aside=dist.is_main)
+    if start and on_resume is not None and dist.is_main:
         on_resume(start)  # e.g. tag the stage's run: it continues a killed one
+    # Built after resuming: DDP starts by giving every rank rank 0's weights. With stochastic depth per batch a
+    # dropped block has no gradient in that step (on every rank: they draw the same blocks).
+    forward = data_parallel(
+        dist, lambda x: stochastic_depth_forward(net, x, cfg.drop_path, cfg.drop_path_unit, generator, dist),
+        [model], skips_blocks=cfg.drop_path > 0 and cfg.drop_path_unit == "batch")
 
     train_seconds = sum(row["epoch_seconds"] for row in result.history)
     for epoch in range(start, cfg.epochs):
         model.train()
         t0, seen, loss_sum, correct = time.perf_counter(), 0, torch.zeros(()), torch.zeros(())
         stream = batches(train, cfg.batch_size, normalize, generator=generator, shuffle=True,
-                         crop_padding=cfg.crop_padding, crop_size=cfg.crop_size, flip=cfg.flip)
+                         crop_padding=cfg.crop_padding, crop_size=cfg.crop_size, flip=cfg.flip, dist=dist)
         for step, (x, y) in enumerate(tqdm(stream, total=steps_per_epoch, desc=f"pretrain {epoch + 1}/{cfg.epochs}",
-                                           leave=False, mininterval=5), 1):
+                                           leave=False, mininterval=5, disable=not dist.is_main), 1):
             with autocast(precision, device):
-                logits = stochastic_depth_forward(net, x, cfg.drop_path, cfg.drop_path_unit, generator)
+                logits = forward(x)
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -149,6 +163,9 @@ def pretrain_backbone(
         epoch_seconds = time.perf_counter() - t0
         check_weights({"backbone": model}, epoch + 1)
         train_seconds += epoch_seconds
+        seen, loss_sum, correct = all_reduce_sum(dist, {"seen": seen, "loss": loss_sum, "correct": correct}).values()
+        if not dist.is_main:
+            continue  # rank 0 validates and saves; the others wait for it in the next step's gradient exchange
         val_acc = accuracy(predict(model, val, normalize, precision=precision), val.labels) if len(val) else 0.0
         row = {
             "epoch": epoch + 1, "train/loss": (loss_sum / seen).item(), "train/accuracy": (correct / seen).item(),

@@ -49,23 +49,28 @@ def set_aside(path: Path, why: str) -> Path:
     return stale
 
 
-def resume_state(path: Path, run_key: str, parts: dict[str, Stateful],
-                 generator: torch.Generator) -> tuple[int, list[dict[str, float]]]:
+def resume_state(path: Path, run_key: str, parts: dict[str, Stateful], generator: torch.Generator,
+                 may_set_aside: bool = True) -> tuple[int, list[dict[str, float]]]:
     """Load the state saved for ``run_key`` into ``parts`` and ``generator``; return (epochs done, history).
 
     (0, []) with ``parts`` and ``generator`` untouched when there is no state, or when it cannot be resumed
-    (then it is set aside, see :func:`set_aside`).
+    (then it is set aside, see :func:`set_aside`, unless ``may_set_aside`` is false: the ranks of a
+    distributed job all read the state, rank 0 alone moves it).
     """
     if not path.exists():
         return 0, []
+
+    def fresh_start(why: str) -> tuple[int, list[dict[str, float]]]:
+        if may_set_aside:
+            set_aside(path, why)
+        return 0, []
+
     try:
         state = load_checkpoint(path, required=("run_key", "epoch", "history", "generator"))
     except CheckpointError as e:
-        set_aside(path, str(e).removeprefix(f"checkpoint {path} "))
-        return 0, []
+        return fresh_start(str(e).removeprefix(f"checkpoint {path} "))
     if state["run_key"] != run_key:
-        set_aside(path, "it was written with other params or inputs")
-        return 0, []
+        return fresh_start("it was written with other params or inputs")
     fresh = {name: copy.deepcopy(part.state_dict()) for name, part in parts.items()}
     loading = "epoch"
     try:
@@ -78,7 +83,6 @@ def resume_state(path: Path, run_key: str, parts: dict[str, Stateful],
         for name, part in parts.items():
             part.load_state_dict(fresh[name])
         why = " ".join(str(e).split())[:300]  # torch's message spans lines: one log line
-        set_aside(path, f"its {loading!r} does not fit this stage ({type(e).__name__}: {why})")
-        return 0, []
+        return fresh_start(f"its {loading!r} does not fit this stage ({type(e).__name__}: {why})")
     log.info("resuming from %s after epoch %d", path, epoch)
     return epoch, history

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from blockdrop import rl
+from blockdrop.dist import SINGLE, Dist
 from blockdrop.models import BlockResNet, PolicyNet
 from blockdrop.runtime import autocast
 
@@ -48,6 +49,7 @@ def rollout(
     backbone_grad: bool = False,
     greedy_grad: bool = False,
     masked: bool = False,
+    dist: Dist = SINGLE,
 ) -> Rollout:
     """Sample actions from the policy on ``x`` and score both them and the greedy actions on ``y``.
 
@@ -56,11 +58,12 @@ def rollout(
     instead of the sparse forward (they differ only in train mode, in what the kept blocks' BatchNorm
     sees). Both policies are always scored by the same forward, as in the authors' code: the advantage
     must measure the policies' difference, not a difference between two ways of running the backbone.
+    ``dist``: ``x`` is this rank's part of a global batch; the samples are drawn for the whole of it.
     """
     with autocast(precision, x.device):
         probs = torch.sigmoid(policy_net(x).float())
     bounded = rl.bound_probs(probs, alpha)
-    actions = rl.force_on(rl.sample_actions(bounded.detach(), generator), learnable)
+    actions = rl.force_on(rl.sample_actions(bounded.detach(), generator, dist), learnable)
     greedy = rl.force_on(rl.greedy_actions(probs.detach()), learnable)
     run = backbone.forward_masked if masked else backbone
     with torch.set_grad_enabled(backbone_grad), autocast(precision, x.device):
