@@ -32,7 +32,8 @@ import torch
 import torch.distributed as torch_dist
 from torch import nn
 
-__all__ = ["Dist", "all_reduce_sum", "data_parallel", "init", "launched", "shutdown", "sync_batchnorm"]
+__all__ = ["Dist", "all_reduce_sum", "data_parallel", "init", "launched", "resumed_alike", "shutdown",
+           "sync_batchnorm"]
 
 T = TypeVar("T")
 N = TypeVar("N", int, float, torch.Tensor)
@@ -110,6 +111,18 @@ def all_reduce_sum(dist: Dist, values: dict[str, N]) -> dict[str, N]:
     torch_dist.all_reduce(t)
     return {key: torch.tensor(total, dtype=v.dtype) if isinstance(v, torch.Tensor) else type(v)(total)
             for (key, v), total in zip(values.items(), t.tolist(), strict=True)}
+
+
+def resumed_alike(dist: Dist, epoch: int, checkpoint: object) -> None:
+    """Raise ``RuntimeError`` unless every rank resumes after the same ``epoch``: rank 0 writes the resume state
+    and every rank reads it, so on several machines ``checkpoint`` must be on a filesystem they all see."""
+    if not dist.enabled:
+        return
+    epochs: list[int] = [0] * dist.world
+    torch_dist.all_gather_object(epochs, epoch)
+    if len(set(epochs)) > 1:
+        raise RuntimeError(f"ranks would resume after different epochs {epochs}: every rank reads {checkpoint}, "
+                           "which must be on a filesystem all machines share")
 
 
 class _Step(nn.Module):

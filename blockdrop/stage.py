@@ -73,6 +73,11 @@ def start(name: str, params_path: str = "params.yaml") -> StageContext:
     if name in DISTRIBUTED and params.dist.nproc > 1 and not dist.launched():
         _check_fit_before_launch(name, params)
         _relaunch_under_torchrun(name, params.dist.nproc)
+    per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if name in DISTRIBUTED and dist.launched() and per_machine != params.dist.nproc:
+        # params.yaml (and so dvc.lock and the MLflow run) must say how the model was trained.
+        raise refuse(ParamsError(f"dist.nproc: {params.dist.nproc}, but torchrun started {per_machine} processes "
+                                 f"per machine: set dist.nproc: {per_machine}"), params_path)
     me, device = dist.init(device)
     if me.enabled:
         watch_launcher(name)
@@ -154,7 +159,15 @@ def tracked_run(ctx: StageContext, data_sha256: str | None = None) -> contextlib
         return contextlib.nullcontext(UnrecordedRun())
     from blockdrop import tracking  # the one MLflow-aware module
 
-    return tracking.stage_run(ctx.name, ctx.params, data_sha256=data_sha256)
+    return _with_world_size(tracking.stage_run(ctx.name, ctx.params, data_sha256=data_sha256), ctx.dist)
+
+
+@contextlib.contextmanager
+def _with_world_size(runs: contextlib.AbstractContextManager, me: dist.Dist) -> Iterator[StageRun]:
+    with runs as run:
+        if me.enabled:  # params say processes per machine; the tag says how many trained, over all machines
+            run.set_tags({"dist.world_size": me.world})
+        yield run
 
 
 def publish(run: StageRun, reports: Path, history: list[dict], metrics: dict, models: list[Path]) -> None:

@@ -21,7 +21,9 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+import torch.multiprocessing as mp
 import yaml
+from distworker import in_group
 from mlflow import MlflowClient
 from tinyrepo import make_tiny_repo
 
@@ -110,6 +112,14 @@ def test_one_process_trains_without_a_wrapper_and_uneven_batches_are_refused() -
         Dist(0, 2).rows(7)
 
 
+def test_epoch_sums_and_the_resume_check_over_a_real_gloo_group(tmp_path: Path) -> None:
+    queue = mp.get_context("spawn").SimpleQueue()
+    mp.spawn(in_group, args=(2, f"file://{tmp_path / 'rendezvous'}", queue), nprocs=2)
+    results = sorted(queue.get() for _ in range(2))
+    assert [r[1:4] for r in results] == [(3, "int", 0.5)] * 2  # 1 + 2 images, 0 + 0.5 loss
+    assert all("different epochs [0, 1]" in r[4] and "checkpoints/x.pt" in r[4] for r in results)
+
+
 # --------------------------------------------------------------------------------------- under torchrun
 
 # Short epochs (8 steps of 2 x 16 images, a quarter of a second): the workers outlive a SIGKILL of their launcher
@@ -175,7 +185,7 @@ def test_pretrain_on_two_gloo_processes_writes_one_set_of_outputs_and_resumes_af
     assert not list((root / "checkpoints").glob("*.pt"))
     (unbroken,) = _runs(root)
     assert unbroken.info.status == "FINISHED"
-    assert unbroken.data.params["dist.nproc"] == "2"
+    assert unbroken.data.params["dist.nproc"] == "2" and unbroken.data.tags["dist.world_size"] == "2"
     assert unbroken.data.metrics["train/epochs"] == EPOCHS
     reference, reference_history = _md5(root / "models" / "backbone.pt"), history
 
@@ -211,4 +221,13 @@ def test_pretrain_on_two_gloo_processes_writes_one_set_of_outputs_and_resumes_af
     assert dead.info.status == "KILLED"
     assert (rerun.info.status, rerun.data.tags["resumed_from_epoch"]) == ("FINISHED", str(epoch))
     assert rerun.data.tags["resumed_from_run"] == dead.info.run_id
-    assert yaml.safe_load((root / "params.yaml").read_text())["dist"]["nproc"] == 2
+
+    # 4. torchrun with another count than params.yaml's: refused, as dvc.lock and the run would say otherwise.
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["dist"]["nproc"] = 1
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    done = subprocess.run(TORCHRUN, cwd=root, env=_env(root), capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert ("error: invalid params in params.yaml: dist.nproc: 1, but torchrun started 2 processes per machine: "
+            "set dist.nproc: 2") in done.stderr
+    assert len(_runs(root)) == 3  # refused before any run was opened

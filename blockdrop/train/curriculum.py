@@ -22,7 +22,7 @@ from tqdm import tqdm
 from blockdrop import rl
 from blockdrop.config import Curriculum
 from blockdrop.data import Normalize, Split, batches
-from blockdrop.dist import SINGLE, Dist, all_reduce_sum, data_parallel, sync_batchnorm
+from blockdrop.dist import SINGLE, Dist, all_reduce_sum, data_parallel, resumed_alike, sync_batchnorm
 from blockdrop.models import BlockResNet, PolicyNet
 from blockdrop.predict import policy_summary, run_policy
 from blockdrop.runtime import compiled
@@ -74,6 +74,7 @@ def train_curriculum(
     optimizer = torch.optim.Adam(policy_net.parameters(), lr=cfg.lr)
     parts = {"policy": policy_net, "optimizer": optimizer}
     start, history = resume_state(checkpoint, run_key, parts, generator, may_set_aside=dist.is_main)
+    resumed_alike(dist, start, checkpoint)
     if start and on_resume is not None and dist.is_main:
         on_resume(start)  # e.g. tag the stage's run: it continues a killed one
     num_blocks = backbone.num_blocks

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from blockdrop import rl
 from blockdrop.config import Finetune
 from blockdrop.data import Normalize, Split, batches
-from blockdrop.dist import SINGLE, Dist, all_reduce_sum, data_parallel, sync_batchnorm
+from blockdrop.dist import SINGLE, Dist, all_reduce_sum, data_parallel, resumed_alike, sync_batchnorm
 from blockdrop.models import BlockResNet, PolicyNet
 from blockdrop.predict import policy_summary, run_policy
 from blockdrop.runtime import compiled
@@ -82,6 +82,7 @@ def finetune_jointly(
                                   {"params": backbone.parameters(), "lr": base_lrs[1]}], lr=base_lrs[0])
     parts = {"policy": policy_net, "backbone": backbone, "optimizer": optimizer}
     start, history = resume_state(checkpoint, run_key, parts, generator, may_set_aside=dist.is_main)
+    resumed_alike(dist, start, checkpoint)
     if start and on_resume is not None and dist.is_main:
         on_resume(start)  # e.g. tag the stage's run: it continues a killed one
     all_blocks = torch.ones(backbone.num_blocks, dtype=torch.bool)

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from blockdrop.config import Pretrain
 from blockdrop.data import Normalize, Split, batches
-from blockdrop.dist import SINGLE, Dist, all_reduce_sum, data_parallel, sync_batchnorm
+from blockdrop.dist import SINGLE, Dist, all_reduce_sum, data_parallel, resumed_alike, sync_batchnorm
 from blockdrop.models import BlockResNet
 from blockdrop.predict import accuracy, predict
 from blockdrop.runtime import autocast, compiled
@@ -133,6 +133,7 @@ def pretrain_backbone(
     result = PretrainResult()
     parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
     start, result.history = resume_state(checkpoint, run_key, parts, generator, may_set_aside=dist.is_main)
+    resumed_alike(dist, start, checkpoint)
     if start and on_resume is not None and dist.is_main:
         on_resume(start)  # e.g. tag the stage's run: it continues a killed one
     # Built after resuming: DDP starts by giving every rank rank 0's weights. With stochastic depth per batch a
