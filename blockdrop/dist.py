@@ -149,10 +149,8 @@ def data_parallel(dist: Dist, step: Callable[..., T], networks: Sequence[nn.Modu
     if not dist.enabled:
         return step
     device = next(iter(networks[0].parameters())).device
-    wrapped = nn.parallel.DistributedDataParallel(
-        _Step(networks, step), device_ids=[device] if device.type == "cuda" else None,
-        find_unused_parameters=skips_blocks)
-    return wrapped
+    return nn.parallel.DistributedDataParallel(_Step(networks, step), device_ids=[device] if device.type == "cuda"
+                                               else None, find_unused_parameters=skips_blocks)
 
 
 def sync_batchnorm(dist: Dist, network: nn.Module, enabled: bool) -> nn.Module:

@@ -1,9 +1,10 @@
-"""A stage started by the Prefect flow stops when the flow is gone.
+"""A stage stops when what started it is gone: the Prefect flow, or, for a torchrun worker, its launcher.
 
 The flow runs each stage through DVC as a child process and puts its own pid in ``$BLOCKDROP_SUPERVISOR_PID``.
 If the flow process is killed (SIGKILL, OOM killer), nothing would stop that child: it would train on,
 unsupervised, and write outputs that no flow records. :func:`watch_supervisor` checks once a second that the
 supervisor still lives and, when it does not, stops this process with one line on stderr.
+:func:`watch_launcher` does the same for a worker of ``torchrun`` and the launcher that started it.
 """
 
 from __future__ import annotations
