@@ -222,12 +222,16 @@ def test_pretrain_on_two_gloo_processes_writes_one_set_of_outputs_and_resumes_af
     assert (rerun.info.status, rerun.data.tags["resumed_from_epoch"]) == ("FINISHED", str(epoch))
     assert rerun.data.tags["resumed_from_run"] == dead.info.run_id
 
-    # 4. torchrun with another count than params.yaml's: refused, as dvc.lock and the run would say otherwise.
+    # 4. torchrun with another count than params.yaml's: refused, as dvc.lock and the run would say otherwise. (A
+    # worker's environment as torchrun sets it, without torchrun: its report of a failed worker would hide the
+    # exit code the stage gives.)
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["dist"]["nproc"] = 1
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    done = subprocess.run(TORCHRUN, cwd=root, env=_env(root), capture_output=True, text=True, timeout=300)
-    assert done.returncode != 0
-    assert ("error: invalid params in params.yaml: dist.nproc: 1, but torchrun started 2 processes per machine: "
-            "set dist.nproc: 2") in done.stderr
+    worker = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
+    done = subprocess.run([sys.executable, "-m", "pipelines.pretrain"], cwd=root, env=_env(root) | worker,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip() == ("error: invalid params in params.yaml: dist.nproc: 1, but torchrun started 2 "
+                                   "processes per machine: set dist.nproc: 2")
     assert len(_runs(root)) == 3  # refused before any run was opened
