@@ -218,7 +218,9 @@ def test_pretrain_on_two_gloo_processes_writes_one_set_of_outputs_and_resumes_af
     assert _md5(root / "models" / "backbone.pt") == reference
     assert _history(root) == reference_history
     _, dead, rerun = _runs(root)
-    assert dead.info.status == "KILLED"
+    # KILLED when rank 0 stopped on seeing its launcher gone (the rerun marks its run); FAILED when rank 1 saw it
+    # first and rank 0's next gradient exchange failed (gloo: connection closed), marking its own run.
+    assert dead.info.status in ("KILLED", "FAILED")
     assert (rerun.info.status, rerun.data.tags["resumed_from_epoch"]) == ("FINISHED", str(epoch))
     assert rerun.data.tags["resumed_from_run"] == dead.info.run_id
 
