@@ -23,6 +23,7 @@ How the ranks stay in step without exchanging anything but gradients:
 from __future__ import annotations
 
 import datetime
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -64,6 +65,11 @@ class Dist:
             raise ValueError(f"a global batch of {n} does not split into {self.world} equal parts")
         per = n // self.world
         return slice(self.rank * per, (self.rank + 1) * per)
+
+    def steps(self, images: int, batch_size: int) -> int:
+        """Steps in an epoch of ``images``: several ranks drop the last incomplete global batch
+        (:func:`blockdrop.data.batches`), one process keeps it."""
+        return images // batch_size if self.enabled else math.ceil(images / batch_size)
 
     def local(self, batch: Sequence[T] | torch.Tensor) -> Any:
         """This rank's rows of ``batch`` (a tensor or a list over the global batch); ``batch`` itself for one

@@ -12,7 +12,6 @@ the stage's time before the policy may touch the first blocks.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from tqdm import tqdm
 from blockdrop import rl
 from blockdrop.config import Curriculum
 from blockdrop.data import Normalize, Split, batches
-from blockdrop.dist import SINGLE, Dist, all_reduce_sum, data_parallel, resumed_alike, sync_batchnorm
+from blockdrop.dist import SINGLE, Dist, all_reduce_sum, data_parallel, sync_batchnorm
 from blockdrop.models import BlockResNet, PolicyNet
 from blockdrop.predict import policy_summary, run_policy
 from blockdrop.runtime import compiled
@@ -73,13 +72,11 @@ def train_curriculum(
     policy_net = sync_batchnorm(dist, policy_net, sync_bn)
     optimizer = torch.optim.Adam(policy_net.parameters(), lr=cfg.lr)
     parts = {"policy": policy_net, "optimizer": optimizer}
-    start, history = resume_state(checkpoint, run_key, parts, generator, may_set_aside=dist.is_main)
-    resumed_alike(dist, start, checkpoint)
+    start, history = resume_state(checkpoint, run_key, parts, generator, dist)
     if start and on_resume is not None and dist.is_main:
         on_resume(start)  # e.g. tag the stage's run: it continues a killed one
     num_blocks = backbone.num_blocks
-    images = min(cfg.images_per_epoch, len(train))
-    steps = images // cfg.batch_size if dist.enabled else math.ceil(images / cfg.batch_size)
+    steps = dist.steps(min(cfg.images_per_epoch, len(train)), cfg.batch_size)
     scored = val.head(cfg.val_images)  # a per-epoch curve only: it draws no random numbers, changes no weights
     backbone_fwd, policy_fwd = compiled(backbone, compile_model), compiled(policy_net, compile_model)
     # Compiled, the frozen backbone runs the dense masked form: in eval mode it gives the sparse form's

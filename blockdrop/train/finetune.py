@@ -16,7 +16,6 @@ half its blocks, take larger steps than the policy, which the curriculum has alr
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from tqdm import tqdm
 from blockdrop import rl
 from blockdrop.config import Finetune
 from blockdrop.data import Normalize, Split, batches
-from blockdrop.dist import SINGLE, Dist, all_reduce_sum, data_parallel, resumed_alike, sync_batchnorm
+from blockdrop.dist import SINGLE, Dist, all_reduce_sum, data_parallel, sync_batchnorm
 from blockdrop.models import BlockResNet, PolicyNet
 from blockdrop.predict import policy_summary, run_policy
 from blockdrop.runtime import compiled
@@ -81,13 +80,11 @@ def finetune_jointly(
     optimizer = torch.optim.Adam([{"params": policy_net.parameters()},
                                   {"params": backbone.parameters(), "lr": base_lrs[1]}], lr=base_lrs[0])
     parts = {"policy": policy_net, "backbone": backbone, "optimizer": optimizer}
-    start, history = resume_state(checkpoint, run_key, parts, generator, may_set_aside=dist.is_main)
-    resumed_alike(dist, start, checkpoint)
+    start, history = resume_state(checkpoint, run_key, parts, generator, dist)
     if start and on_resume is not None and dist.is_main:
         on_resume(start)  # e.g. tag the stage's run: it continues a killed one
     all_blocks = torch.ones(backbone.num_blocks, dtype=torch.bool)
-    images = min(cfg.images_per_epoch, len(train))
-    steps = images // cfg.batch_size if dist.enabled else math.ceil(images / cfg.batch_size)
+    steps = dist.steps(min(cfg.images_per_epoch, len(train)), cfg.batch_size)
     backbone_fwd, policy_fwd = compiled(backbone, compile_model), compiled(policy_net, compile_model)
     # One step (the policy, then the backbone under the sampled and the greedy actions) as one DDP forward; the
     # sparse forward leaves the blocks no image of a rank kept without a gradient there.

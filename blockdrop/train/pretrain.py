@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from blockdrop.config import Pretrain
 from blockdrop.data import Normalize, Split, batches
-from blockdrop.dist import SINGLE, Dist, all_reduce_sum, data_parallel, resumed_alike, sync_batchnorm
+from blockdrop.dist import SINGLE, Dist, all_reduce_sum, data_parallel, sync_batchnorm
 from blockdrop.models import BlockResNet
 from blockdrop.predict import accuracy, predict
 from blockdrop.runtime import autocast, compiled
@@ -121,8 +121,7 @@ def pretrain_backbone(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
     )
-    # Several ranks drop the last incomplete global batch (blockdrop.data.batches).
-    steps_per_epoch = len(train) // cfg.batch_size if dist.enabled else math.ceil(len(train) / cfg.batch_size)
+    steps_per_epoch = dist.steps(len(train), cfg.batch_size)
     total, warmup = cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch)
     # The multiplier is a function of the step alone, and the scheduler's step count is saved with the state,
     # so a resumed run continues the same curve.
@@ -132,8 +131,7 @@ def pretrain_backbone(
 
     result = PretrainResult()
     parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
-    start, result.history = resume_state(checkpoint, run_key, parts, generator, may_set_aside=dist.is_main)
-    resumed_alike(dist, start, checkpoint)
+    start, result.history = resume_state(checkpoint, run_key, parts, generator, dist)
     if start and on_resume is not None and dist.is_main:
         on_resume(start)  # e.g. tag the stage's run: it continues a killed one
     # Built after resuming: DDP starts by giving every rank rank 0's weights. With stochastic depth per batch a

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 import torch
 
+from blockdrop.dist import SINGLE, Dist, resumed_alike
 from blockdrop.files import CheckpointError, load_checkpoint, save_atomic
 
 __all__ = ["Stateful", "resume_state", "save_state", "set_aside"]
@@ -50,13 +51,20 @@ def set_aside(path: Path, why: str) -> Path:
 
 
 def resume_state(path: Path, run_key: str, parts: dict[str, Stateful], generator: torch.Generator,
-                 may_set_aside: bool = True) -> tuple[int, list[dict[str, float]]]:
+                 dist: Dist = SINGLE) -> tuple[int, list[dict[str, float]]]:
     """Load the state saved for ``run_key`` into ``parts`` and ``generator``; return (epochs done, history).
 
     (0, []) with ``parts`` and ``generator`` untouched when there is no state, or when it cannot be resumed
-    (then it is set aside, see :func:`set_aside`, unless ``may_set_aside`` is false: the ranks of a
-    distributed job all read the state, rank 0 alone moves it).
+    (then it is set aside, see :func:`set_aside`). In a distributed job (``dist``) every rank reads the state,
+    rank 0 alone sets one aside, and all must come back with the same epoch (:func:`blockdrop.dist.resumed_alike`).
     """
+    epoch, history = _read_state(path, run_key, parts, generator, may_set_aside=dist.is_main)
+    resumed_alike(dist, epoch, path)
+    return epoch, history
+
+
+def _read_state(path: Path, run_key: str, parts: dict[str, Stateful], generator: torch.Generator,
+                may_set_aside: bool) -> tuple[int, list[dict[str, float]]]:
     if not path.exists():
         return 0, []
 
