@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from blockdrop.analysis.analyze import read_history
-from blockdrop.analysis.figures import VARIANT_LABELS
+from blockdrop.analysis.style import VARIANT_LABELS
 
 __all__ = ["PAPER_ROW", "READINGS", "ReportInputs", "num", "pct", "summary"]
 

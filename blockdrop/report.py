@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from blockdrop.analysis.analyze import FIGURES
-from blockdrop.analysis.figures import VARIANT_LABELS, VARIANTS
+from blockdrop.analysis.style import VARIANT_LABELS, VARIANTS
 from blockdrop.config import Params
 from blockdrop.files import atomic_write_text
 from blockdrop.readings import PAPER_ROW, READINGS, ReportInputs, num, pct, summary

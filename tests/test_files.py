@@ -11,7 +11,7 @@ import pytest
 from matplotlib.figure import Figure
 
 from blockdrop import files
-from blockdrop.analysis import figures
+from blockdrop.analysis import style
 
 
 def temps(folder: Path) -> list[str]:
@@ -82,6 +82,6 @@ def test_a_figure_is_rendered_in_memory_and_written_atomically(tmp_path: Path) -
     stale = tmp_path / "figs" / f".curve.png.{dead_pid()}.zzzzzzzz.tmp"
     stale.parent.mkdir()
     stale.write_bytes(b"\x89PNG half")
-    path = figures._save(fig, tmp_path / "figs" / "curve.png", dpi=50)
+    path = style.save_figure(fig, tmp_path / "figs" / "curve.png", dpi=50)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 1000
     assert temps(path.parent) == []

@@ -6,9 +6,8 @@ the text is at least 9 pt at the saved resolution; the four evaluated variants k
 
 from __future__ import annotations
 
-import io
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
@@ -23,10 +22,9 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
 from matplotlib.ticker import MaxNLocator
 
-from blockdrop.files import atomic_write_bytes
+from blockdrop.analysis.style import VARIANT_COLORS, VARIANT_LABELS, VARIANTS, save_figure, styled
 
 __all__ = [
-    "STYLE",
     "VARIANT_COLORS",
     "VARIANT_LABELS",
     "accuracy_flops",
@@ -41,40 +39,8 @@ __all__ = [
     "training_curves",
 ]
 
-VARIANTS = ("full", "blockdrop", "firstk", "randomk")
-VARIANT_LABELS = {"full": "Full ResNet", "blockdrop": "BlockDrop", "firstk": "FirstK", "randomk": "RandomK"}
-VARIANT_COLORS = {"full": "#4d4d4d", "blockdrop": "#d62728", "firstk": "#1f77b4", "randomk": "#2ca02c"}
 ON_COLOR, OFF_COLOR = "#1f6fb4", "#e3e3e3"
 TRAIN_COLOR, VAL_COLOR, EXTRA_COLOR = "#1f77b4", "#ff7f0e", "#7f7f7f"
-STYLE = {
-    "font.size": 10,
-    "axes.titlesize": 11,
-    "axes.labelsize": 10,
-    "xtick.labelsize": 9,
-    "ytick.labelsize": 9,
-    "legend.fontsize": 9,
-    "figure.titlesize": 13,
-    "axes.spines.top": False,
-    "axes.spines.right": False,
-    "savefig.facecolor": "white",
-}
-
-
-def _styled(draw: Callable) -> Callable:
-    def wrapper(*args, **kwargs):
-        with matplotlib.rc_context(STYLE):
-            return draw(*args, **kwargs)
-
-    wrapper.__name__, wrapper.__doc__ = draw.__name__, draw.__doc__
-    return wrapper
-
-
-def _save(fig: Figure, path: str | Path, dpi: int) -> Path:
-    path = Path(path)
-    buf = io.BytesIO()  # rendered in memory, then written atomically: a kill never leaves half a PNG
-    fig.savefig(buf, dpi=dpi, format=path.suffix.lstrip(".") or "png")
-    atomic_write_bytes(path, buf.getvalue())
-    return path
 
 
 def _class_colors(n: int) -> list:
@@ -161,7 +127,7 @@ def _sample(indices: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray
     return np.sort(rng.choice(indices, n, replace=False)) if len(indices) > n else np.asarray(indices)
 
 
-@_styled
+@styled
 def top_policies(per_image: pd.DataFrame, groups: pd.DataFrame, images: np.ndarray, path: str | Path,
                  n: int = 8, samples: int = 8, seed: int = 0, dpi: int = 150) -> Path:
     """The ``n`` most frequent policies over the whole test set, each with up to ``samples`` images."""
@@ -183,10 +149,10 @@ def top_policies(per_image: pd.DataFrame, groups: pd.DataFrame, images: np.ndarr
     fig.suptitle(f"{head}{sep}on {len(per_image)} test images ({len(groups)} distinct)", y=1 - 0.12 / grid.height,
                  va="top")
     _legend_blocks(fig, 0.1 / grid.height)
-    return _save(fig, path, dpi)
+    return save_figure(fig, path, dpi)
 
 
-@_styled
+@styled
 def policies_by_class(per_image: pd.DataFrame, per_class: pd.DataFrame, images: np.ndarray,
                       classes: Sequence[str], path: str | Path, samples: int = 8, seed: int = 0,
                       dpi: int = 150) -> Path:
@@ -209,10 +175,10 @@ def policies_by_class(per_image: pd.DataFrame, per_class: pd.DataFrame, images: 
     sep = "\n" if cols == 1 else " "
     fig.suptitle(f"{head}{sep}(share = of the class's test images)", y=1 - 0.12 / grid.height, va="top")
     _legend_blocks(fig, 0.1 / grid.height)
-    return _save(fig, path, dpi)
+    return save_figure(fig, path, dpi)
 
 
-@_styled
+@styled
 def blocks_per_class(per_image: pd.DataFrame, classes: Sequence[str], num_blocks: int, path: str | Path,
                      dpi: int = 150) -> Path:
     """Box plot of the blocks executed per image, one box per class, the mean marked."""
@@ -248,10 +214,10 @@ def blocks_per_class(per_image: pd.DataFrame, classes: Sequence[str], num_blocks
                                           boxes["means"][0]], labels=[f"all images: mean {overall:.2f}",
                                                                       "class mean"])
     ax.set_title("Blocks executed per test image, by class (box: quartiles, whiskers: 1.5 IQR)")
-    return _save(fig, path, dpi)
+    return save_figure(fig, path, dpi)
 
 
-@_styled
+@styled
 def block_usage_heatmap(usage: np.ndarray, classes: Sequence[str], path: str | Path, dpi: int = 150) -> Path:
     """(classes, K) fraction of each class's images that run block t, with a colour bar."""
     n, k = usage.shape
@@ -277,10 +243,10 @@ def block_usage_heatmap(usage: np.ndarray, classes: Sequence[str], path: str | P
     bar = fig.colorbar(im, ax=ax, fraction=0.05, pad=0.02)
     bar.set_label("fraction of the class's images that run the block")
     ax.set_title("Block usage by class" + (" (numbers: % of images)" if k <= 24 and n <= 20 else ""))
-    return _save(fig, path, dpi)
+    return save_figure(fig, path, dpi)
 
 
-@_styled
+@styled
 def difficulty_scatter(per_image: pd.DataFrame, num_blocks: int, rho_confidence: float | None,
                        rho_loss: float | None, path: str | Path, seed: int = 0, max_points: int = 5000,
                        dpi: int = 150) -> Path:
@@ -311,10 +277,10 @@ def difficulty_scatter(per_image: pd.DataFrame, num_blocks: int, rho_confidence:
         ax.set_title(f"Spearman ρ(blocks, {col.replace('full_', '')}) = {rho_text}")
         ax.legend(loc="best", markerscale=2)
     fig.suptitle(f"Difficulty against compute ({len(shown)} of {len(per_image)} test images shown)")
-    return _save(fig, path, dpi)
+    return save_figure(fig, path, dpi)
 
 
-@_styled
+@styled
 def extreme_images(per_image: pd.DataFrame, images: np.ndarray, classes: Sequence[str], path: str | Path,
                    n: int = 12, dpi: int = 150) -> Path:
     """The ``n`` images with the fewest blocks (ties: most confident first) and with the most (ties:
@@ -336,10 +302,10 @@ def extreme_images(per_image: pd.DataFrame, images: np.ndarray, classes: Sequenc
         axes[r][0].text(-0.15, 0.5, name, transform=axes[r][0].transAxes, rotation=90, ha="right", va="center",
                         fontsize=10, fontweight="bold")
     fig.suptitle("Test images using the fewest and the most blocks (red caption: BlockDrop's prediction is wrong)")
-    return _save(fig, path, dpi)
+    return save_figure(fig, path, dpi)
 
 
-@_styled
+@styled
 def policy_embedding(coords: np.ndarray, labels: np.ndarray, classes: Sequence[str], description: str,
                      path: str | Path, seed: int = 0, dpi: int = 150) -> Path:
     """2-D embedding of the policy vectors, one colour per class (points jittered: many coincide)."""
@@ -362,7 +328,7 @@ def policy_embedding(coords: np.ndarray, labels: np.ndarray, classes: Sequence[s
     else:  # a legend of 100 names is unreadable: a colour bar of the class index instead
         mappable = ScalarMappable(Normalize(0, len(classes) - 1), "turbo")
         fig.colorbar(mappable, ax=ax, label="class index")
-    return _save(fig, path, dpi)
+    return save_figure(fig, path, dpi)
 
 
 def _curve(ax, history: pd.DataFrame, column: str, label: str, color: str, scale: float = 1.0, ls: str = "-"):
@@ -372,7 +338,7 @@ def _curve(ax, history: pd.DataFrame, column: str, label: str, color: str, scale
     return False
 
 
-@_styled
+@styled
 def training_curves(histories: dict[str, pd.DataFrame | None], num_blocks: int | None, path: str | Path,
                     dpi: int = 150) -> Path:
     """Per-epoch curves of pretraining, curriculum and finetuning: objective, accuracy, blocks."""
@@ -423,10 +389,10 @@ def training_curves(histories: dict[str, pd.DataFrame | None], num_blocks: int |
             axes[2, col].set_xlim(epoch - 1, epoch + 1)
             axes[2, col].set_xticks([epoch])
     fig.suptitle("Training curves of every stage (per epoch)")
-    return _save(fig, path, dpi)
+    return save_figure(fig, path, dpi)
 
 
-@_styled
+@styled
 def accuracy_flops(points: pd.DataFrame, path: str | Path, dpi: int = 150) -> Path:
     """Accuracy against mean FLOPs per image for the four variants (error bars: FLOPs std)."""
     fig = Figure(figsize=(8, 5.4), layout="constrained")
@@ -457,10 +423,10 @@ def accuracy_flops(points: pd.DataFrame, path: str | Path, dpi: int = 150) -> Pa
     ax.set_title("Accuracy against compute: BlockDrop and dropping without learning")
     ax.legend(loc="lower right")
     ax.grid(alpha=0.3)
-    return _save(fig, path, dpi)
+    return save_figure(fig, path, dpi)
 
 
-@_styled
+@styled
 def flops_saved_histogram(per_image: pd.DataFrame, summary: dict[str, float], path: str | Path, dpi: int = 150
                           ) -> Path:
     """How much of the full backbone's FLOPs each test image saves under BlockDrop (policy network paid)."""
@@ -475,4 +441,4 @@ def flops_saved_histogram(per_image: pd.DataFrame, summary: dict[str, float], pa
     ax.set_title(f"Per-image savings: mean {100 * summary['mean']:.1f}% (line), 5th-95th percentile "
                  f"{100 * summary['p5']:.1f}-{100 * summary['p95']:.1f}% (dotted), max {100 * summary['max']:.1f}%")
     ax.grid(alpha=0.3)
-    return _save(fig, path, dpi)
+    return save_figure(fig, path, dpi)

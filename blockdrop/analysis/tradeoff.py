@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from blockdrop.analysis.figures import VARIANT_COLORS, _save, _styled
+from blockdrop.analysis.style import VARIANT_COLORS, save_figure, styled
 
 __all__ = ["PAPER", "Experiment", "reference_points", "settings_table", "tradeoff_figure"]
 
@@ -212,7 +212,7 @@ def _draw_backbones(ax, experiments: list[Experiment], seed_key: str) -> None:
         ax.axhline(full_acc.mean(), color=VARIANT_COLORS["full"], ls=":", lw=0.8)  # the accuracy to keep
 
 
-@_styled
+@styled
 def tradeoff_figure(experiments: list[Experiment], path: str | Path, title: str = "Accuracy against compute "
                     "across the sweep", dpi: int = 150, seed_key: str = "seed") -> Path:
     """Accuracy (%) against GFLOPs per image: BlockDrop per setting (joined in order of FLOPs, Pareto front
@@ -239,4 +239,4 @@ def tradeoff_figure(experiments: list[Experiment], path: str | Path, title: str 
     handles, labels = ax.get_legend_handles_labels()  # matplotlib lists error-bar artists last: BlockDrop first
     order = sorted(range(len(labels)), key=lambda i: (not labels[i].startswith("BlockDrop"), i))
     fig.legend([handles[i] for i in order], [labels[i] for i in order], loc="outside right upper", fontsize=8)
-    return _save(fig, path, dpi)
+    return save_figure(fig, path, dpi)
