@@ -334,7 +334,7 @@ def main() -> None:
     precision = params.precision if params.precision != "auto" else "bf16"
     if precision == "bf16" and not bf16_is_fast(device):
         precision = "fp32"
-    # inductor on a CPU: minutes to compile, no gain (README: measured)
+    # inductor on a CPU: minutes to compile, no gain (docs/benchmarks.md, training throughput)
     compile_model = params.compile and device.type == "cuda" and not args.no_compile
     imagenet = params.data.source == "imagenet"
     size = (64 if imagenet else 16) if args.smoke else (params.data.image_size if imagenet else 32)

@@ -34,7 +34,7 @@ from blockdrop.flops import count_flops
 from blockdrop.inference import BatchedSkippingPredictor, FullPredictor
 from blockdrop.models import BlockResNet, PolicyNet, cifar_resnet, load_backbone, load_blockdrop, policy_resnet8
 
-GOALS = {1: 0.9, 64: 0.8, 256: 0.8}  # speedup / FLOPs ratio, issue 14
+GOALS = {1: 0.9, 64: 0.8, 256: 0.8}  # speedup / FLOPs ratio (docs/benchmarks.md, batched inference)
 
 
 def cpu_model() -> str:

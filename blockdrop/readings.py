@@ -16,7 +16,7 @@ from blockdrop.analysis.style import VARIANT_LABELS
 
 __all__ = ["PAPER_ROW", "READINGS", "ReportInputs", "num", "pct", "summary"]
 
-# The authors' published CIFAR-10 ResNet-110 result (README of the original code; REFERENCE.md).
+# The authors' published CIFAR-10 ResNet-110 result (README of the original code; docs/paper.md, published numbers).
 PAPER_ROW = {
     "name": "Paper: BlockDrop, CIFAR-10 ResNet-110 (γ = 10)",
     "accuracy": 0.936,

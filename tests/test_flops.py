@@ -40,7 +40,7 @@ def test_closed_forms_match_the_published_numbers() -> None:
     r110 = base_flops(3, 10) + sum(block_flops(18))
     r8 = base_flops(3, 15) + sum(block_flops(1))
     assert (r32, r110, r8) == (137_725_184, 505_775_360, 24_479_616)
-    # REFERENCE.md: R32 1.377e8, R110 5.058e8, ResNet-8 policy 2.45e7
+    # docs/paper.md, FLOPs convention: R32 1.377e8, R110 5.058e8, ResNet-8 policy 2.45e7
     assert f"{r32:.3e}" == "1.377e+08" and f"{r110:.3e}" == "5.058e+08" and f"{r8:.2e}" == "2.45e+07"
 
 

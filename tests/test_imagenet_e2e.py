@@ -52,7 +52,8 @@ def resnet_flops(side: int, block: str, layers: tuple[int, ...], outputs: int) -
 
 
 def test_closed_form_matches_the_published_totals() -> None:
-    # REFERENCE.md: ResNet-101 at 224 px 1.560e10; the ResNet-10 policy on the image pooled to 112 px 4.72e8.
+    # docs/paper.md, FLOPs convention: ResNet-101 at 224 px 1.560e10; the ResNet-10 policy on the image
+    # pooled to 112 px 4.72e8.
     assert resnet_flops(224, "bottleneck", (3, 4, 23, 3), 1000) == pytest.approx(1.560e10, rel=0.01)
     assert resnet_flops(112, "basic", (1, 1, 1, 1), 33) == pytest.approx(4.72e8, rel=0.01)
 

@@ -190,11 +190,11 @@ def test_flops_at_224_match_the_closed_form_and_the_paper() -> None:
     table = count_flops(ImageNetResNet(), (3, 224, 224), policy_resnet10(33))
     base, blocks = resnet101_flops(224)
     assert list(table.blocks) == blocks and table.base == base
-    assert abs(table.full / 1.560e10 - 1) < 0.01  # REFERENCE.md: R101 1.560e10
+    assert abs(table.full / 1.560e10 - 1) < 0.01  # docs/paper.md, FLOPs convention: R101 1.560e10
     # by hand: block 0 at 56x56 is 64->64 1x1, 64->64 3x3, 64->256 1x1; its downsample 64->256 is in the base
     assert table.blocks[0] == 2 * 56 * 56 * (64 * 64 + 64 * 64 * 9 + 64 * 256)
     assert table.policy == resnet10_flops(224, 33)
-    assert f"{table.policy:.2e}" == "4.72e+08"  # REFERENCE.md: ResNet-10 at 112px
+    assert f"{table.policy:.2e}" == "4.72e+08"  # docs/paper.md, FLOPs convention: ResNet-10 at 112px
 
 
 def test_flops_at_64px_match_the_closed_form() -> None:

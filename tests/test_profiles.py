@@ -1,7 +1,7 @@
 """The paper profiles resolve to the authors' settings, whatever params.yaml's defaults become.
 
 Each table below is what the authors ran (their README commands, their scripts' defaults where the README is
-silent, He et al.'s backbone recipe they point to; REFERENCE.md), written out key by key. A profile is
+silent, He et al.'s backbone recipe; docs/paper.md, the authors' settings), written out key by key. A profile is
 checked *resolved*: params.yaml merged with the profile (as ``python -m pipelines.profile`` does) and
 validated, so a default changed later in params.yaml fails here unless the profile pins the key. A ``-fast``
 profile must differ from its faithful profile in exactly the keys its header comment lists, to the values
@@ -87,7 +87,7 @@ TABLES = {
     "cifar10-resnet110-fast": CIFAR10_R110_FAST, "imagenet-resnet101-fast": IMAGENET_R101_FAST,
 }
 FAST = {"cifar10-resnet110-fast": "cifar10-resnet110", "imagenet-resnet101-fast": "imagenet-resnet101"}
-# REFERENCE.md: K of each backbone
+# docs/paper.md, backbones: K of each backbone
 BLOCKS = {"cifar10-resnet32": 15, "cifar100-resnet32": 15, "cifar10-resnet110": 54, "cifar100-resnet110": 54,
           "cifar10-resnet110-fast": 54, "imagenet-resnet101": 33, "imagenet-resnet101-fast": 33}
 

@@ -1,4 +1,4 @@
-"""A DVC remote carries a reproduced project to a fresh clone (the README's team flow).
+"""A DVC remote carries a reproduced project to a fresh clone (docs/scale-out.md, the team flow).
 
 A run ends with ``dvc push``; a teammate's ``git clone`` has dvc.lock but no data and no DVC cache, runs
 ``dvc pull``, and then ``dvc status`` is clean and ``dvc repro`` runs nothing, with the same model bytes.

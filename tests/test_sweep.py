@@ -1,6 +1,6 @@
 """``make sweep`` (pipelines/sweep.py) on the tiny profile: two penalties as DVC experiments on two queue workers.
 
-What the issue asks the sweep to show, on a real copy of the project: both experiments in ``dvc exp show`` and
+What the sweep must show, on a real copy of the project: both experiments in ``dvc exp show`` and
 their stage runs in MLflow under one parent run, each ``evaluate`` run carrying its penalty; shared stages
 (prepare, pretrain, heuristics, curriculum) not run again; the table and the figure written from the
 experiments' own numbers, and shown by the report; ``dvc plots diff`` across the experiments; a second run

@@ -20,9 +20,9 @@ from blockdrop.analysis.style import VARIANT_COLORS, save_figure, styled
 
 __all__ = ["PAPER", "Experiment", "reference_points", "settings_table", "tradeoff_figure"]
 
-# (source, depth) -> variant -> (accuracy, FLOPs per image), from REFERENCE.md (the authors' README). The
-# full-model FLOPs are this project's count under the authors' convention; CIFAR-100 adds 1.2e4 to CIFAR-10's
-# classifier, far below the precision shown. Fashion-MNIST has no published point.
+# (source, depth) -> variant -> (accuracy, FLOPs per image), the authors' README's numbers (docs/paper.md,
+# published numbers). The full-model FLOPs are this project's count under the authors' convention; CIFAR-100
+# adds 1.2e4 to CIFAR-10's classifier, far below the precision shown. Fashion-MNIST has no published point.
 PAPER: dict[tuple[str, int], dict[str, tuple[float, float]]] = {
     ("cifar10", 110): {"blockdrop": (0.936, 1.81e8), "full": (0.932, 5.058e8)},
     ("cifar10", 32): {"full": (0.923, 1.377e8)},
