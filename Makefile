@@ -13,7 +13,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DVC_NO_ANALYTICS := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help install data repro test test-slow lint plots ui serve flow retrain schedule deploy worker sweep browser \
+.PHONY: help install data repro test test-fast test-slow lint plots ui serve flow retrain schedule deploy worker sweep browser \
 	push pull sshd postgres tracking-server
 
 help:  ## list the targets
@@ -36,8 +36,13 @@ data:  ## make Fashion-MNIST available offline (Debian's dataset-fashion-mnist) 
 repro: install data  ## reproduce the whole pipeline (dvc repro)
 	dvc repro
 
-test: install browser sshd postgres  ## run the test suite (slow tests excluded)
-	pytest -q -m "not slow" --durations=15
+# Two pytest workers: most of the suite's time is spent starting processes (stages, dvc, servers), which one
+# core cannot overlap. `--dist loadfile` keeps a file's tests (and its module fixtures) on one worker.
+test: install browser sshd postgres  ## the whole suite, unit and end-to-end tiers (slow tests excluded)
+	pytest -q -m "not slow" -n 2 --dist loadfile --durations=15
+
+test-fast: install  ## the unit tier: no dvc repro, no servers, no stage processes (under 3 minutes)
+	pytest -q -m "not slow and not e2e" -n 2 --durations=10
 
 test-slow: install  ## run only the slow tests
 	pytest -q -m slow

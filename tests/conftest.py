@@ -54,18 +54,28 @@ def isolated_env():
 
 
 @pytest.fixture(scope="session")
-def tiny_reproduced(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A copy of the project on the tiny profile shrunk by ``SHRUNK_TINY``, reproduced once (``dvc repro``,
-    about 75 s here) and not committed. Tests copy it with ``tinyrepo.copy_reproduced``; none changes it."""
+def tiny_reproduced(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:
+    """A copy of the project on the tiny profile shrunk by ``SHRUNK_TINY``, reproduced once per test run
+    (``dvc repro``, about 75 s here) and not committed. Tests copy it with ``tinyrepo.copy_reproduced``; none
+    changes it. Under pytest-xdist the workers share one build: the first to take the lock builds it in the
+    run's base folder, the others wait for it and reuse it."""
     import subprocess
     import sys
 
+    from filelock import FileLock
     from tinyrepo import SHRUNK_TINY, make_tiny_repo
 
-    root = make_tiny_repo(tmp_path_factory.mktemp("tiny-reproduced") / "repo", overrides=SHRUNK_TINY)
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", tracking.PARENT_ENV,
-                                                           "DVC_EXP_NAME", "DVC_ROOT", "BLOCKDROP_ROOT")}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    proc = subprocess.run(["dvc", "repro"], cwd=root, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"dvc repro failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if worker_id != "master" else base  # xdist gives each worker a folder inside the run's
+    root, done = shared / "tiny-reproduced" / "repo", shared / "tiny-reproduced" / "reproduced"
+    with FileLock(str(shared / "tiny-reproduced.lock")):
+        if done.exists():
+            return root
+        make_tiny_repo(root, overrides=SHRUNK_TINY)
+        env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", tracking.PARENT_ENV,
+                                                               "DVC_EXP_NAME", "DVC_ROOT", "BLOCKDROP_ROOT")}
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+        proc = subprocess.run(["dvc", "repro"], cwd=root, env=env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, f"dvc repro failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        done.touch()
     return root
