@@ -44,6 +44,7 @@ from blockdrop.data import Normalize, Split  # noqa: E402
 from blockdrop.models import cifar_resnet, policy_resnet8  # noqa: E402
 from blockdrop.predict import run_policy  # noqa: E402
 from blockdrop.runtime import bf16_is_fast, select_device  # noqa: E402
+from blockdrop.train.context import TrainContext  # noqa: E402
 from blockdrop.train.curriculum import train_curriculum  # noqa: E402
 from blockdrop.train.finetune import finetune_jointly  # noqa: E402
 from blockdrop.train.pretrain import pretrain_backbone  # noqa: E402
@@ -79,6 +80,11 @@ class Bench:
     val: Split = field(init=False)
     results: dict[str, Measured] = field(default_factory=dict)
     decode_rate: float = 0.0  # JPEGs per second, decoded + resized + cropped (ImageNet only)
+
+    def loop(self, state: Path) -> TrainContext:
+        """A training loop's context for one timed call: a fresh seeded generator, resume state at ``state``."""
+        return TrainContext(torch.Generator().manual_seed(0), self.precision, state, "bench",
+                            compile_model=self.compile_model)
 
 
 def resolve_profile(profile: Path) -> Params:
@@ -144,8 +150,7 @@ def bench_pretrain(b: Bench, backbone: torch.nn.Module, normalize: Normalize, tm
     def run(steps: int) -> None:
         n = steps * bs  # one epoch over exactly this many images
         train = Split(b.pool.images[:n], b.pool.labels[:n])
-        pretrain_backbone(backbone, train, b.val, normalize, one, torch.Generator().manual_seed(0), b.precision,
-                          tmp / "pretrain.pt", "bench", compile_model=b.compile_model)
+        pretrain_backbone(backbone, train, b.val, normalize, one, b.loop(tmp / "pretrain.pt"))
         (tmp / "pretrain.pt").unlink()
 
     return measure_loop(b, "pretrain", bs, run)
@@ -159,8 +164,7 @@ def bench_curriculum(b: Bench, backbone: torch.nn.Module, policy: torch.nn.Modul
         # unlock_every 1: every block is learnable after K steps, as in the bulk of the stage
         cfg = b.params.curriculum.model_copy(update={"epochs": 1, "images_per_epoch": steps * bs, "batch_size": bs,
                                                      "val_images": 0, "unlock_every": 1})
-        train_curriculum(backbone, policy, b.pool, b.val, normalize, cfg, torch.Generator().manual_seed(0),
-                         b.precision, tmp / "curriculum.pt", "bench", compile_model=b.compile_model)
+        train_curriculum(backbone, policy, b.pool, b.val, normalize, cfg, b.loop(tmp / "curriculum.pt"))
         (tmp / "curriculum.pt").unlink()
 
     return measure_loop(b, "curriculum", bs, run)
@@ -173,8 +177,7 @@ def bench_finetune(b: Bench, backbone: torch.nn.Module, policy: torch.nn.Module,
     def run(steps: int) -> None:
         cfg = b.params.finetune.model_copy(update={"epochs": 1, "images_per_epoch": steps * bs, "batch_size": bs,
                                                    "lr_decay_epoch": 0})
-        finetune_jointly(backbone, policy, b.pool, b.val, normalize, cfg, torch.Generator().manual_seed(0),
-                         b.precision, tmp / "finetune.pt", "bench", compile_model=b.compile_model)
+        finetune_jointly(backbone, policy, b.pool, b.val, normalize, cfg, b.loop(tmp / "finetune.pt"))
         (tmp / "finetune.pt").unlink()
 
     return measure_loop(b, "finetune", bs, run)

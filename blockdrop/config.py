@@ -31,7 +31,6 @@ __all__ = [
     "parse_params",
     "refuse",
     "select_params",
-    "stage_param_keys",
 ]
 
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
@@ -514,32 +513,6 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def params_sha256(params: Params, keys: list[str] | None = None) -> str:
     """Stable hash of the params (or of the dotted ``keys`` a stage depends on)."""
     return hashlib.sha256(json.dumps(select_params(params, keys), sort_keys=True).encode()).hexdigest()
-
-
-def stage_param_keys(stage: str, dvc_yaml: str | Path = "dvc.yaml") -> list[str] | None:
-    """The params keys a DVC stage depends on, as written in its ``params:`` list (None: all, or unknown).
-
-    dvc.yaml is the one place that says which knobs a stage reads; the stage's MLflow params and its
-    resume key are derived from the same list, so the three can never disagree.
-    """
-    try:
-        spec = yaml.safe_load(Path(dvc_yaml).read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        return None
-    entry = (spec.get("stages") or {}).get(stage)
-    if not isinstance(entry, dict):
-        return None
-    keys: list[str] = []
-    for item in entry.get("params") or []:
-        if isinstance(item, str):
-            keys.append(item)
-        elif isinstance(item, dict):  # {file: [keys]}; other files are not ours
-            for file, sub in item.items():
-                if Path(file).name == "params.yaml":
-                    if sub is None:  # `- params.yaml:` alone means the whole file
-                        return None
-                    keys.extend(sub)
-    return keys
 
 
 def select_params(params: Params, keys: list[str] | None) -> dict[str, Any]:

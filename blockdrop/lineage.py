@@ -1,5 +1,8 @@
 """What a stage's result depends on, read from dvc.yaml: upstream stages, their params, the md5 of the deps.
 
+The library's one reader of dvc.yaml: the params keys a stage lists (its MLflow params), its deps, the
+stages upstream of it and the resume key derived from them are all read through one parse function.
+
 A resume state is only valid for the exact inputs that produced it. DVC already knows those inputs (the
 stage's ``deps:`` and the ``params:`` of it and of every stage upstream), so the resume key is derived from
 the same dvc.yaml, with the md5 DVC itself would record: when DVC would rerun a stage for a changed input, the
@@ -17,9 +20,9 @@ from typing import Any
 
 import yaml
 
-from blockdrop.config import Params, select_params, stage_param_keys
+from blockdrop.config import Params, select_params
 
-__all__ = ["dvc_md5", "resume_key", "stage_deps", "upstream_param_keys", "upstream_stages"]
+__all__ = ["dvc_md5", "resume_key", "stage_deps", "stage_param_keys", "upstream_param_keys", "upstream_stages"]
 
 # Folders .dvcignore hides from DVC (byte-code appears after a first import; it must not change a hash).
 IGNORED_NAMES = frozenset({"__pycache__", ".pytest_cache", ".ruff_cache"})
@@ -46,6 +49,7 @@ def dvc_md5(path: str | Path) -> str:
 
 
 def _stages(dvc_yaml: str | Path) -> dict[str, dict[str, Any]]:
+    """The ``stages:`` of ``dvc_yaml`` by name ({} if the file is missing or not YAML)."""
     try:
         spec = yaml.safe_load(Path(dvc_yaml).read_text()) or {}
     except (OSError, yaml.YAMLError):
@@ -69,6 +73,28 @@ def _overlap(a: str, b: str) -> bool:
 def stage_deps(stage: str, dvc_yaml: str | Path = "dvc.yaml") -> list[str]:
     """The ``deps:`` of ``stage`` as listed in dvc.yaml (empty if the stage is unknown)."""
     return _paths(_stages(dvc_yaml).get(stage, {}).get("deps"))
+
+
+def stage_param_keys(stage: str, dvc_yaml: str | Path = "dvc.yaml") -> list[str] | None:
+    """The params keys a DVC stage depends on, as written in its ``params:`` list (None: all, or unknown).
+
+    dvc.yaml is the one place that says which knobs a stage reads; the stage's MLflow params and its
+    resume key are derived from the same list, so the three can never disagree.
+    """
+    entry = _stages(dvc_yaml).get(stage)
+    if entry is None:
+        return None
+    keys: list[str] = []
+    for item in entry.get("params") or []:
+        if isinstance(item, str):
+            keys.append(item)
+        elif isinstance(item, dict):  # {file: [keys]}; other files are not ours
+            for file, sub in item.items():
+                if Path(file).name == "params.yaml":
+                    if sub is None:  # `- params.yaml:` alone means the whole file
+                        return None
+                    keys.extend(sub)
+    return keys
 
 
 def upstream_stages(stage: str, dvc_yaml: str | Path = "dvc.yaml") -> list[str]:

@@ -8,6 +8,7 @@ import torch
 
 from blockdrop import stage
 from blockdrop.models import build_policy, load_backbone, save_policy
+from blockdrop.train.context import TrainContext
 from blockdrop.train.curriculum import train_curriculum
 
 BACKBONE = Path("models/backbone.pt")
@@ -24,12 +25,8 @@ def main() -> None:
         policy_net = build_policy(backbone, meta.shape[0], p.model)  # ImageNet: ResNet-10 from ResNet-18's weights
         policy_net = policy_net.to(ctx.device, memory_format=torch.channels_last)
         with stage.tracked_run(ctx, meta.data_sha256) as run:
-            history = train_curriculum(
-                backbone, policy_net, data["train"], data["val"], normalize, p.curriculum, ctx.generator,
-                ctx.precision, checkpoint=ctx.state_path, run_key=ctx.run_key,
-                on_epoch=lambda row: run.log_epoch(row, step=int(row["epoch"])),
-                on_resume=run.mark_resumed, compile_model=p.compile, dist=ctx.dist, sync_bn=p.dist.sync_bn,
-            )
+            history = train_curriculum(backbone, policy_net, data["train"], data["val"], normalize, p.curriculum,
+                                       TrainContext.for_stage(ctx, run))
             if not ctx.dist.is_main:
                 return  # rank 0 alone scores the model and writes the outputs
             last = history[-1]

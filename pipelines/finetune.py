@@ -12,6 +12,7 @@ import torch
 from blockdrop import stage, tracking
 from blockdrop.data import load_split
 from blockdrop.models import load_backbone, load_policy, save_blockdrop
+from blockdrop.train.context import TrainContext
 from blockdrop.train.finetune import finetune_jointly
 
 BACKBONE = Path("models/backbone.pt")
@@ -29,12 +30,8 @@ def main() -> None:
         backbone = load_backbone(BACKBONE).to(ctx.device, memory_format=torch.channels_last)
         policy_net = load_policy(POLICY).to(ctx.device, memory_format=torch.channels_last)
         with stage.tracked_run(ctx, meta.data_sha256) as run:
-            history = finetune_jointly(
-                backbone, policy_net, data["train"], data["val"], normalize, p.finetune, ctx.generator,
-                ctx.precision, checkpoint=ctx.state_path, run_key=ctx.run_key,
-                on_epoch=lambda row: run.log_epoch(row, step=int(row["epoch"])),
-                on_resume=run.mark_resumed, compile_model=p.compile, dist=ctx.dist, sync_bn=p.dist.sync_bn,
-            )
+            history = finetune_jointly(backbone, policy_net, data["train"], data["val"], normalize, p.finetune,
+                                       TrainContext.for_stage(ctx, run))
             if not ctx.dist.is_main:
                 return  # rank 0 alone scores the model and writes the outputs
             last = history[-1]

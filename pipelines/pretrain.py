@@ -12,6 +12,7 @@ from blockdrop import stage
 from blockdrop.config import ParamsError, refuse
 from blockdrop.models import build_backbone, save_backbone
 from blockdrop.predict import accuracy, predict
+from blockdrop.train.context import TrainContext
 from blockdrop.train.pretrain import pretrain_backbone
 
 MODEL = Path("models/backbone.pt")
@@ -32,12 +33,8 @@ def main() -> None:
         model = build_backbone(p.model, meta.num_classes, meta.shape[0])
         model = model.to(ctx.device, memory_format=torch.channels_last)
         with stage.tracked_run(ctx, meta.data_sha256) as run:
-            result = pretrain_backbone(
-                model, data["train"], data["val"], normalize, p.pretrain, ctx.generator, ctx.precision,
-                checkpoint=ctx.state_path, run_key=ctx.run_key,
-                on_epoch=lambda row: run.log_epoch(row, step=int(row["epoch"])),
-                on_resume=run.mark_resumed, compile_model=p.compile, dist=ctx.dist, sync_bn=p.dist.sync_bn,
-            )
+            loop = TrainContext.for_stage(ctx, run)
+            result = pretrain_backbone(model, data["train"], data["val"], normalize, p.pretrain, loop)
             if not ctx.dist.is_main:
                 return  # rank 0 alone scores the model and writes the outputs
             if not result.history:  # 0 epochs: nothing trained, the validation score is the imported model's

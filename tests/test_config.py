@@ -20,8 +20,8 @@ from blockdrop.config import (
     params_sha256,
     parse_params,
     select_params,
-    stage_param_keys,
 )
+from blockdrop.lineage import stage_param_keys
 
 REPO = Path(__file__).resolve().parents[1]
 REPO_PARAMS = REPO / "params.yaml"

@@ -10,6 +10,7 @@ import torch
 from blockdrop.config import Curriculum, Finetune
 from blockdrop.data import Normalize, Split
 from blockdrop.models import cifar_resnet, policy_resnet8
+from blockdrop.train.context import TrainContext
 from blockdrop.train.curriculum import train_curriculum
 from blockdrop.train.finetune import finetune_jointly
 
@@ -44,7 +45,7 @@ def train_tiny(train, cfg: Curriculum | Finetune, state: Path, interrupt_after: 
             raise Interrupt
 
     history = train(backbone, policy, tiny_split(96, 1), tiny_split(40, 2), Normalize([0.2], [0.3], "cpu"),
-                    cfg, torch.Generator().manual_seed(0), "fp32", state, "key", on_epoch)
+                    cfg, TrainContext(torch.Generator().manual_seed(0), "fp32", state, "key", on_epoch))
     return history, backbone, policy
 
 

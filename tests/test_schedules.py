@@ -18,6 +18,7 @@ from blockdrop.models import cifar_resnet, policy_resnet8
 from blockdrop.train import curriculum as curriculum_module
 from blockdrop.train import finetune as finetune_module
 from blockdrop.train import pretrain as pretrain_module
+from blockdrop.train.context import TrainContext
 from blockdrop.train.curriculum import learnable_blocks, train_curriculum
 from blockdrop.train.finetune import finetune_jointly, lr_factor
 from blockdrop.train.pretrain import pretrain_backbone, warmup_cosine, warmup_step
@@ -49,9 +50,9 @@ def run_pretrain(state: Path, schedule: str, interrupt_after: int | None = None,
     torch.manual_seed(0)
     model = cifar_resnet(8, 10, 1)
     cfg = Pretrain(epochs=4, batch_size=32, lr=0.05, lr_schedule=schedule, warmup_epochs=0, crop_padding=2)
-    result = pretrain_backbone(model, tiny_split(64, 1), tiny_split(32, 2), NORMALIZE, cfg,
-                               torch.Generator().manual_seed(0), "fp32", state, "key",
-                               on_epoch=stop_after(interrupt_after), compile_model=compile_model)
+    loop = TrainContext(torch.Generator().manual_seed(0), "fp32", state, "key", on_epoch=stop_after(interrupt_after),
+                        compile_model=compile_model)
+    result = pretrain_backbone(model, tiny_split(64, 1), tiny_split(32, 2), NORMALIZE, cfg, loop)
     return result, model
 
 
@@ -99,8 +100,8 @@ def run_curriculum(state: Path, unlock_every: int, monkeypatch: pytest.MonkeyPat
     backbone, policy = cifar_resnet(14, 10, 1), policy_resnet8(K, 1)
     cfg = Curriculum(epochs=3, images_per_epoch=64, batch_size=16, crop_padding=2, unlock_every=unlock_every)
     history = train_curriculum(backbone, policy, tiny_split(96, 1), tiny_split(40, 2), NORMALIZE, cfg,
-                               torch.Generator().manual_seed(0), "fp32", state, "key",
-                               on_epoch=stop_after(interrupt_after))
+                               TrainContext(torch.Generator().manual_seed(0), "fp32", state, "key",
+                                            on_epoch=stop_after(interrupt_after)))
     return history, seen
 
 
@@ -138,8 +139,8 @@ def run_finetune(state: Path, decay_epoch: int, interrupt_after: int | None = No
     cfg = Finetune(epochs=3, images_per_epoch=32, batch_size=32, crop_padding=2, lr=1e-3, backbone_lr=4e-3,
                    lr_decay_epoch=decay_epoch, lr_decay=0.1)
     return finetune_jointly(backbone, policy, tiny_split(64, 1), tiny_split(32, 2), NORMALIZE, cfg,
-                            torch.Generator().manual_seed(0), "fp32", state, "key",
-                            on_epoch=stop_after(interrupt_after))
+                            TrainContext(torch.Generator().manual_seed(0), "fp32", state, "key",
+                                         on_epoch=stop_after(interrupt_after)))
 
 
 def test_finetune_decays_both_rates_from_the_epoch_and_resumes_without_compounding(tmp_path: Path) -> None:
@@ -195,7 +196,8 @@ def test_compiled_masked_finetuning_trains_like_eager(tmp_path: Path, aot_eager:
         backbone, policy = cifar_resnet(14, 10, 1), policy_resnet8(K, 1)
         cfg = Finetune(epochs=1, images_per_epoch=64, batch_size=32, crop_padding=2, execution="masked")
         return finetune_jointly(backbone, policy, tiny_split(64, 1), tiny_split(32, 2), NORMALIZE, cfg,
-                                torch.Generator().manual_seed(0), "fp32", state, "key", compile_model=compile_model)
+                                TrainContext(torch.Generator().manual_seed(0), "fp32", state, "key",
+                                             compile_model=compile_model))
 
     eager, fast = run(tmp_path / "e.pt", False), run(tmp_path / "c.pt", True)
     assert fast[0]["train/loss"] == pytest.approx(eager[0]["train/loss"], rel=1e-3)

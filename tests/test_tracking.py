@@ -15,7 +15,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from blockdrop import config, tracking
+from blockdrop import lineage, tracking
 from blockdrop.config import Params, params_sha256
 
 DVC_YAML = {
@@ -252,10 +252,10 @@ def test_stage_param_keys(tmp_path: Path) -> None:
         }
     }
     (tmp_path / "dvc.yaml").write_text(yaml.safe_dump(spec))
-    assert config.stage_param_keys("a", tmp_path / "dvc.yaml") == ["data", "x.y"]
-    assert config.stage_param_keys("b", tmp_path / "dvc.yaml") is None  # whole file
-    assert config.stage_param_keys("c", tmp_path / "dvc.yaml") is None
-    assert config.stage_param_keys("a", tmp_path / "absent.yaml") is None
+    assert lineage.stage_param_keys("a", tmp_path / "dvc.yaml") == ["data", "x.y"]
+    assert lineage.stage_param_keys("b", tmp_path / "dvc.yaml") is None  # whole file
+    assert lineage.stage_param_keys("c", tmp_path / "dvc.yaml") is None
+    assert lineage.stage_param_keys("a", tmp_path / "absent.yaml") is None
 
 
 def test_repo_root_and_default_uri(tmp_path: Path, monkeypatch) -> None:

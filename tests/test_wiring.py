@@ -25,6 +25,7 @@ from blockdrop.flops import FlopTable
 from blockdrop.inference import SkippingPredictor
 from blockdrop.models import CifarResNet, policy_resnet8
 from blockdrop.predict import accuracy, predict, run_policy
+from blockdrop.train.context import TrainContext
 from blockdrop.train.curriculum import train_curriculum
 from blockdrop.train.finetune import finetune_jointly
 from blockdrop.train.rollout import rollout
@@ -236,11 +237,10 @@ def curriculum_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     fc_after_epoch = []
     cfg = Curriculum(epochs=DEAD, images_per_epoch=128, batch_size=32, lr=1e-2, penalty=1.0, crop_padding=0,
                      flip=False)
-    history = train_curriculum(
-        backbone, policy, train, val, NORM, cfg, torch.Generator().manual_seed(0), "fp32",
-        tmp_path_factory.mktemp("curriculum") / "state.pt", "key",
+    history = train_curriculum(backbone, policy, train, val, NORM, cfg, TrainContext(
+        torch.Generator().manual_seed(0), "fp32", tmp_path_factory.mktemp("curriculum") / "state.pt", "key",
         on_epoch=lambda _: fc_after_epoch.append((policy.fc.weight.detach().clone(), policy.fc.bias.detach().clone())),
-    )
+    ))
     return {"history": history, "before": before, "backbone": backbone, "policy": policy, "fc": fc_after_epoch,
             "val": val}
 
@@ -304,8 +304,8 @@ def test_curriculum_entropy_bonus_is_the_only_signal_when_every_prediction_is_wr
     before = copy.deepcopy(dict(policy.named_parameters()))
     cfg = Curriculum(epochs=1, images_per_epoch=64, batch_size=32, lr=1e-2, beta=beta, penalty=1.0, crop_padding=0,
                      flip=False)
-    (row,) = train_curriculum(Oracle(3), policy, split, split, NORM, cfg, torch.Generator().manual_seed(0), "fp32",
-                              tmp_path / "state.pt", "key")
+    (row,) = train_curriculum(Oracle(3), policy, split, split, NORM, cfg,
+                              TrainContext(torch.Generator().manual_seed(0), "fp32", tmp_path / "state.pt", "key"))
     assert row["train/accuracy"] == 0.0 and row["train/advantage"] == 0.0
     moved = [n for n, p in policy.named_parameters() if not torch.equal(p, before[n])]
     if beta == 0:
@@ -334,8 +334,8 @@ def first_step_grads(cfg: Finetune, state: Path) -> tuple[dict[str, torch.Tensor
     for part, module in (("policy", policy), ("backbone", backbone)):
         for name, p in module.named_parameters():
             p.register_post_accumulate_grad_hook(lambda p, part=part, name=name: keep_first(p, part, name))
-    finetune_jointly(backbone, policy, train, bar_split(16, 2), NORM, cfg, torch.Generator().manual_seed(0), "fp32",
-                     state, "key")
+    finetune_jointly(backbone, policy, train, bar_split(16, 2), NORM, cfg,
+                     TrainContext(torch.Generator().manual_seed(0), "fp32", state, "key"))
     return seen["policy"], seen["backbone"]
 
 

@@ -12,8 +12,6 @@ the stage's time before the policy may touch the first blocks.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -21,12 +19,12 @@ from tqdm import tqdm
 from blockdrop import rl
 from blockdrop.config import Curriculum
 from blockdrop.data import Normalize, Split, batches
-from blockdrop.dist import SINGLE, Dist, all_reduce_sum, data_parallel, sync_batchnorm
+from blockdrop.dist import all_reduce_sum, data_parallel, sync_batchnorm
 from blockdrop.models import BlockResNet, PolicyNet
 from blockdrop.predict import policy_summary, run_policy
 from blockdrop.runtime import compiled
+from blockdrop.train.context import TrainContext
 from blockdrop.train.guard import check_step, check_weights
-from blockdrop.train.resume import resume_state, save_state
 from blockdrop.train.rollout import rollout
 
 __all__ = ["learnable_blocks", "train_curriculum"]
@@ -50,40 +48,31 @@ def train_curriculum(
     val: Split,
     normalize: Normalize,
     cfg: Curriculum,
-    generator: torch.Generator,
-    precision: str,
-    checkpoint: Path,
-    run_key: str,
-    on_epoch: Callable[[dict[str, float]], None] | None = None,
-    on_resume: Callable[[int], None] | None = None,
-    compile_model: bool = False,
-    dist: Dist = SINGLE,
-    sync_bn: bool = True,
+    loop: TrainContext,
 ) -> list[dict[str, float]]:
     """Train ``policy_net`` in place; return one history row per epoch.
 
-    ``compile_model``: the training forwards run through ``torch.compile`` (:func:`blockdrop.runtime.compiled`);
-    the networks passed in keep the weights.
-    ``dist``: one rank of a data-parallel job (:mod:`blockdrop.dist`); rank 0 alone validates, saves the resume
-    state and calls ``on_epoch``/``on_resume``. ``sync_bn``: on GPUs, synchronised BatchNorm where every rank
+    ``loop.compile_model``: the training forwards run through ``torch.compile``; the networks passed in keep
+    the weights. ``loop.dist``: rank 0 alone validates, saves the resume state and calls
+    ``loop.on_epoch``/``loop.on_resume``. ``loop.sync_bn``: on GPUs, synchronised BatchNorm where every rank
     runs every layer.
     """
+    generator, precision, dist = loop.generator, loop.precision, loop.dist
     backbone.eval().requires_grad_(False)  # frozen: BN uses its running statistics, no weight changes
-    policy_net = sync_batchnorm(dist, policy_net, sync_bn)
+    policy_net = sync_batchnorm(dist, policy_net, loop.sync_bn)
     optimizer = torch.optim.Adam(policy_net.parameters(), lr=cfg.lr)
     parts = {"policy": policy_net, "optimizer": optimizer}
-    start, history = resume_state(checkpoint, run_key, parts, generator, dist)
-    if start and on_resume is not None and dist.is_main:
-        on_resume(start)  # e.g. tag the stage's run: it continues a killed one
+    start, history = loop.resume(parts)  # calls loop.on_resume when it continues a killed run
     num_blocks = backbone.num_blocks
     steps = dist.steps(min(cfg.images_per_epoch, len(train)), cfg.batch_size)
     scored = val.head(cfg.val_images)  # a per-epoch curve only: it draws no random numbers, changes no weights
-    backbone_fwd, policy_fwd = compiled(backbone, compile_model), compiled(policy_net, compile_model)
+    backbone_fwd, policy_fwd = compiled(backbone, loop.compile_model), compiled(policy_net, loop.compile_model)
     # Compiled, the frozen backbone runs the dense masked form: in eval mode it gives the sparse form's
     # logits, and its shapes do not change with the actions, so one graph serves every step.
     step_rollout = data_parallel(dist, lambda x, y, learnable: rollout(
         backbone_fwd, policy_fwd, x, y, alpha=cfg.alpha, penalty=cfg.penalty, learnable=learnable,
-        generator=generator, precision=precision, masked=compile_model, dist=dist), [policy_net], skips_blocks=False)
+        generator=generator, precision=precision, masked=loop.compile_model, dist=dist), [policy_net],
+        skips_blocks=False)
 
     for epoch in range(start, cfg.epochs):
         learnable = learnable_blocks(epoch, 0, steps, num_blocks, cfg.unlock_every)
@@ -128,7 +117,5 @@ def train_curriculum(
                  "val acc %.4f blocks %.2f", epoch + 1, cfg.epochs, row["unlocked_blocks"], num_blocks,
                  row["train/reward"], row["train/accuracy"], row["train/blocks"], row["val/accuracy"],
                  row["val/blocks_mean"])
-        save_state(checkpoint, run_key, epoch + 1, parts, generator, history)
-        if on_epoch is not None:
-            on_epoch(row)
+        loop.epoch_done(epoch + 1, parts, history)
     return history

@@ -16,8 +16,6 @@ half its blocks, take larger steps than the policy, which the curriculum has alr
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -26,12 +24,12 @@ from tqdm import tqdm
 from blockdrop import rl
 from blockdrop.config import Finetune
 from blockdrop.data import Normalize, Split, batches
-from blockdrop.dist import SINGLE, Dist, all_reduce_sum, data_parallel, sync_batchnorm
+from blockdrop.dist import all_reduce_sum, data_parallel, sync_batchnorm
 from blockdrop.models import BlockResNet, PolicyNet
 from blockdrop.predict import policy_summary, run_policy
 from blockdrop.runtime import compiled
+from blockdrop.train.context import TrainContext
 from blockdrop.train.guard import check_step, check_weights
-from blockdrop.train.resume import resume_state, save_state
 from blockdrop.train.rollout import rollout
 
 __all__ = ["finetune_jointly", "lr_factor"]
@@ -52,40 +50,30 @@ def finetune_jointly(
     val: Split,
     normalize: Normalize,
     cfg: Finetune,
-    generator: torch.Generator,
-    precision: str,
-    checkpoint: Path,
-    run_key: str,
-    on_epoch: Callable[[dict[str, float]], None] | None = None,
-    on_resume: Callable[[int], None] | None = None,
-    compile_model: bool = False,
-    dist: Dist = SINGLE,
-    sync_bn: bool = True,
+    loop: TrainContext,
 ) -> list[dict[str, float]]:
     """Train ``backbone`` and ``policy_net`` in place; return one history row per epoch.
 
-    ``compile_model``: the training forwards run through ``torch.compile`` (:func:`blockdrop.runtime.compiled`;
-    it pays with ``execution: masked``, whose shapes do not depend on the actions); the networks passed in
-    keep the weights.
-    ``dist``: one rank of a data-parallel job (:mod:`blockdrop.dist`); rank 0 alone validates, saves the resume
-    state and calls ``on_epoch``/``on_resume``. ``sync_bn``: on GPUs, synchronised BatchNorm where every rank
-    runs every layer: the policy network, and the backbone with ``execution: masked`` only (the sparse forward
-    skips blocks per image, so a rank may not enter a block the others do).
+    ``loop.compile_model``: the training forwards run through ``torch.compile`` (it pays with ``execution:
+    masked``, whose shapes do not depend on the actions); the networks passed in keep the weights.
+    ``loop.dist``: rank 0 alone validates, saves the resume state and calls ``loop.on_epoch``/``loop.on_resume``.
+    ``loop.sync_bn``: on GPUs, synchronised BatchNorm where every rank runs every layer: the policy network,
+    and the backbone with ``execution: masked`` only (the sparse forward skips blocks per image, so a rank may
+    not enter a block the others do).
     """
+    generator, precision, dist = loop.generator, loop.precision, loop.dist
     backbone.requires_grad_(True)
     masked = cfg.execution == "masked"
-    policy_net = sync_batchnorm(dist, policy_net, sync_bn)
-    backbone = sync_batchnorm(dist, backbone, sync_bn and masked)
+    policy_net = sync_batchnorm(dist, policy_net, loop.sync_bn)
+    backbone = sync_batchnorm(dist, backbone, loop.sync_bn and masked)
     base_lrs = (cfg.lr, cfg.backbone_lr or cfg.lr)  # policy, backbone: the rates before any decay
     optimizer = torch.optim.Adam([{"params": policy_net.parameters()},
                                   {"params": backbone.parameters(), "lr": base_lrs[1]}], lr=base_lrs[0])
     parts = {"policy": policy_net, "backbone": backbone, "optimizer": optimizer}
-    start, history = resume_state(checkpoint, run_key, parts, generator, dist)
-    if start and on_resume is not None and dist.is_main:
-        on_resume(start)  # e.g. tag the stage's run: it continues a killed one
+    start, history = loop.resume(parts)  # calls loop.on_resume when it continues a killed run
     all_blocks = torch.ones(backbone.num_blocks, dtype=torch.bool)
     steps = dist.steps(min(cfg.images_per_epoch, len(train)), cfg.batch_size)
-    backbone_fwd, policy_fwd = compiled(backbone, compile_model), compiled(policy_net, compile_model)
+    backbone_fwd, policy_fwd = compiled(backbone, loop.compile_model), compiled(policy_net, loop.compile_model)
     # One step (the policy, then the backbone under the sampled and the greedy actions) as one DDP forward; the
     # sparse forward leaves the blocks no image of a rank kept without a gradient there.
     step_rollout = data_parallel(dist, lambda x, y: rollout(
@@ -136,8 +124,6 @@ def finetune_jointly(
         log.info("finetune epoch %d/%d  loss %.3f  train reward %.3f acc %.3f blocks %.2f  val acc %.4f "
                  "blocks %.2f", epoch + 1, cfg.epochs, row["train/loss"], row["train/reward"],
                  row["train/accuracy"], row["train/blocks"], row["val/accuracy"], row["val/blocks_mean"])
-        save_state(checkpoint, run_key, epoch + 1, parts, generator, history)
-        if on_epoch is not None:
-            on_epoch(row)
+        loop.epoch_done(epoch + 1, parts, history)
     backbone.eval(), policy_net.eval()
     return history

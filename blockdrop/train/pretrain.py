@@ -13,7 +13,6 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -25,8 +24,8 @@ from blockdrop.dist import SINGLE, Dist, all_reduce_sum, data_parallel, sync_bat
 from blockdrop.models import BlockResNet
 from blockdrop.predict import accuracy, predict
 from blockdrop.runtime import autocast, compiled
+from blockdrop.train.context import TrainContext
 from blockdrop.train.guard import check_step, check_weights
-from blockdrop.train.resume import resume_state, save_state
 
 __all__ = ["PretrainResult", "drop_path_policy", "lr_multiplier", "pretrain_backbone", "stochastic_depth_forward",
            "warmup_cosine", "warmup_step"]
@@ -94,26 +93,19 @@ def pretrain_backbone(
     val: Split,
     normalize: Normalize,
     cfg: Pretrain,
-    generator: torch.Generator,
-    precision: str,
-    checkpoint: Path,
-    run_key: str,
-    on_epoch: Callable[[dict[str, float]], None] | None = None,
-    on_resume: Callable[[int], None] | None = None,
-    compile_model: bool = False,
-    dist: Dist = SINGLE,
-    sync_bn: bool = True,
+    loop: TrainContext,
 ) -> PretrainResult:
-    """Train ``model`` in place for ``cfg.epochs``; resume from ``checkpoint`` if it belongs to ``run_key``.
+    """Train ``model`` in place for ``cfg.epochs``; resume from ``loop.checkpoint`` if it belongs to
+    ``loop.run_key``.
 
-    ``compile_model``: the training forward runs through ``torch.compile`` (:func:`blockdrop.runtime.compiled`);
-    ``model`` keeps the weights, and validation runs it eagerly.
-    ``dist``: one rank of a data-parallel job (:mod:`blockdrop.dist`). Every rank trains; rank 0 alone
-    validates, saves the resume state and calls ``on_epoch``/``on_resume``. ``sync_bn``: on GPUs, BatchNorm
-    statistics over the global batch (every rank runs the same blocks: the drop draws are shared).
+    ``loop.compile_model``: the training forward runs through ``torch.compile``; ``model`` keeps the weights,
+    and validation runs it eagerly. ``loop.dist``: every rank trains; rank 0 alone validates, saves the resume
+    state and calls ``loop.on_epoch``/``loop.on_resume``. ``loop.sync_bn``: on GPUs, BatchNorm statistics over
+    the global batch (every rank runs the same blocks: the drop draws are shared).
     """
+    generator, precision, dist = loop.generator, loop.precision, loop.dist
     device = train.images.device
-    model = sync_batchnorm(dist, model, sync_bn)
+    model = sync_batchnorm(dist, model, loop.sync_bn)
     decay, no_decay = [], []
     for p in model.parameters():
         (no_decay if p.ndim <= 1 else decay).append(p)  # no weight decay on BN and biases
@@ -127,13 +119,11 @@ def pretrain_backbone(
     # so a resumed run continues the same curve.
     multiplier = lr_multiplier(cfg.lr_schedule)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: multiplier(s, total, warmup))
-    net = compiled(model, compile_model)
+    net = compiled(model, loop.compile_model)
 
     result = PretrainResult()
     parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
-    start, result.history = resume_state(checkpoint, run_key, parts, generator, dist)
-    if start and on_resume is not None and dist.is_main:
-        on_resume(start)  # e.g. tag the stage's run: it continues a killed one
+    start, result.history = loop.resume(parts)  # calls loop.on_resume when it continues a killed run
     # Built after resuming: DDP starts by giving every rank rank 0's weights. With stochastic depth per batch a
     # dropped block has no gradient in that step (on every rank: they draw the same blocks).
     forward = data_parallel(
@@ -174,9 +164,7 @@ def pretrain_backbone(
         result.history.append(row)
         log.info("pretrain epoch %d/%d  loss %.4f  train acc %.4f  val acc %.4f  %.0f img/s",
                  epoch + 1, cfg.epochs, row["train/loss"], row["train/accuracy"], val_acc, row["images_per_s"])
-        save_state(checkpoint, run_key, epoch + 1, parts, generator, result.history)
-        if on_epoch is not None:
-            on_epoch(row)
+        loop.epoch_done(epoch + 1, parts, result.history)
 
     result.val_accuracy = result.history[-1]["val/accuracy"] if result.history else 0.0
     seen_total = sum(r["images_per_s"] * r["epoch_seconds"] for r in result.history)
