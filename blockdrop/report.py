@@ -13,7 +13,6 @@ import base64
 import html
 import json
 import math
-import subprocess
 from pathlib import Path
 
 import pandas as pd
@@ -22,9 +21,10 @@ from blockdrop.analysis.analyze import FIGURES
 from blockdrop.analysis.style import VARIANT_LABELS, VARIANTS
 from blockdrop.config import Params
 from blockdrop.files import atomic_write_text
+from blockdrop.project import git_commit
 from blockdrop.readings import PAPER_ROW, READINGS, ReportInputs, num, pct, summary
 
-__all__ = ["PAPER_ROW", "build_report", "git_commit", "write_report"]
+__all__ = ["PAPER_ROW", "build_report", "write_report"]
 
 FIGURE_TITLES = {
     "accuracy_flops": "Accuracy against FLOPs",
@@ -54,22 +54,6 @@ figcaption { margin-top: .4em; color: #333; }
 .meta { color: #666; font-size: .9em; }
 details { margin: 1em 0; } pre { background: #f7f7f7; padding: .8em; overflow-x: auto; font-size: .9em; }
 """
-
-
-def git_commit(cwd: str | Path | None = None) -> str:
-    """``abc1234``, ``abc1234 (dirty)`` when tracked files differ from it, or ``unknown`` outside git."""
-    def git(*args: str) -> str | None:
-        try:
-            out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=20)
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        return out.stdout.strip() if out.returncode == 0 else None
-
-    commit = git("rev-parse", "--short", "HEAD")
-    if not commit:
-        return "unknown"
-    dirty = git("status", "--porcelain", "--untracked-files=no")
-    return f"{commit} (dirty)" if dirty else commit
 
 
 # --- tables -------------------------------------------------------------------------------------------------

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from blockdrop import stage, tracking
 from blockdrop.data import load_meta
-from blockdrop.report import build_report, git_commit, write_report
+from blockdrop.project import git_commit
+from blockdrop.report import build_report, write_report
 
 REPORTS = Path("reports")
 PARAMS = Path("params.yaml")

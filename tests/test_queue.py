@@ -146,8 +146,9 @@ def test_a_failing_epoch_write_is_retried_then_given_up_without_failing(mlflow_p
 
     from blockdrop import tracking
     from blockdrop.config import Params
+    from blockdrop.tracking import runs
 
-    monkeypatch.setattr(tracking, "EPOCH_LOG_BACKOFF_S", 0.0)
+    monkeypatch.setattr(runs, "EPOCH_LOG_BACKOFF_S", 0.0)
     with tracking.stage_run("prepare", Params()) as run:
         real, calls = run.client.log_batch, []
 
@@ -161,7 +162,7 @@ def test_a_failing_epoch_write_is_retried_then_given_up_without_failing(mlflow_p
         run.log_epoch({"train": {"loss": 0.5}}, step=1)  # third attempt lands
         assert len(calls) == 3
         run.log_epoch({"train": {"loss": 0.25}}, step=2)  # never lands: warned, not raised
-        assert len(calls) == 3 + tracking.EPOCH_LOG_ATTEMPTS
+        assert len(calls) == 3 + runs.EPOCH_LOG_ATTEMPTS
         with pytest.raises(MlflowException):
             run.log_metrics({"test": {"accuracy": 0.5}})  # final metrics are not retried away
         monkeypatch.setattr(run.client, "log_batch", real)

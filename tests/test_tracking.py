@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -17,6 +18,8 @@ from mlflow import MlflowClient
 
 from blockdrop import lineage, tracking
 from blockdrop.config import Params, params_sha256
+from blockdrop.tracking import runs
+from blockdrop.tracking import store as store_module
 
 DVC_YAML = {
     "stages": {
@@ -186,10 +189,10 @@ def test_nests_under_parent_from_env(store: MlflowClient, monkeypatch) -> None:
 
 def test_parent_run_sets_env_for_stages(store: MlflowClient) -> None:
     with tracking.parent_run("flow", Params()) as parent:
-        assert tracking.os.environ[tracking.PARENT_ENV] == parent
+        assert os.environ[tracking.PARENT_ENV] == parent
         with tracking.stage_run("pretrain", Params()) as run:
             pass
-    assert tracking.PARENT_ENV not in tracking.os.environ
+    assert tracking.PARENT_ENV not in os.environ
     assert store.get_run(run.run_id).data.tags["mlflow.parentRunId"] == parent
 
 
@@ -221,7 +224,7 @@ def test_a_server_that_goes_away_mid_run_stops_the_stage_with_one_line(store: Ml
     with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
         s.bind(("127.0.0.1", 0))
         gone = f"http://127.0.0.1:{s.getsockname()[1]}"
-    monkeypatch.setattr(tracking, "EPOCH_LOG_BACKOFF_S", 0.0)
+    monkeypatch.setattr(runs, "EPOCH_LOG_BACKOFF_S", 0.0)
     start = time.monotonic()
     with pytest.raises(tracking.TrackingUnavailable, match=gone) as err, \
             tracking.stage_run("pretrain", Params()) as run:
@@ -267,7 +270,7 @@ def test_repo_root_and_default_uri(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(root / "sub")
     assert tracking.repo_root() == root  # walks up to dvc.yaml (tmp_path is outside any git repo)
     assert tracking.tracking_uri() == f"sqlite:///{root}/mlflow.db"
-    assert tracking._artifact_location(tracking.tracking_uri()) == (root / "mlartifacts").as_uri()
+    assert store_module.artifact_location(tracking.tracking_uri()) == (root / "mlartifacts").as_uri()
 
     temp_copy = root / ".dvc" / "tmp" / "exps" / "tmpab12" / "sub"  # `dvc exp run --temp` copy
     temp_copy.mkdir(parents=True)
