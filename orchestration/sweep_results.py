@@ -1,7 +1,7 @@
 """What a sweep's experiments hold, read from their commits, and the tables and figure written from them.
 
 ``reports/sweep/``: ``experiments.csv`` (one row per experiment), ``settings.csv`` (one per setting, mean and
-spread over seeds, Pareto front), ``tradeoff.png`` and ``sweep.json``. No Prefect here.
+spread over seeds, Pareto front), ``tradeoff.png`` and ``sweep.json``.
 """
 
 from __future__ import annotations
