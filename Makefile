@@ -51,28 +51,28 @@ lint: install  ## ruff
 	ruff check .
 
 serve: install  ## serve the registered champion on http://127.0.0.1:5001/invocations (mlflow models serve, 1 worker)
-	$(PY) -m pipelines.serve $(ARGS)
+	$(PY) -m ops.serve $(ARGS)
 
 flow: install data  ## run the pipeline once as a Prefect flow (a task per DVC stage, one parent MLflow run)
-	$(PY) -m pipelines.flow run
+	$(PY) -m orchestration run
 
 retrain: install data  ## run the retrain flow once: the pipeline, then champion/challenger promotion
-	$(PY) -m pipelines.flow retrain
+	$(PY) -m orchestration retrain
 
 schedule: install data  ## serve the retrain flow on flow.cron (starts a Prefect server on 127.0.0.1:4200 if none)
-	$(PY) -m pipelines.flow serve --port 4200
+	$(PY) -m orchestration serve --port 4200
 
 # prefect.yaml: the three flows as deployments on the `process` work pool `blockdrop`, retrain on flow.cron (UTC).
 # Both targets use PREFECT_API_URL when set (a shared server), else the server on 127.0.0.1:4200 (make schedule's),
 # started for the command if none answers. A worker runs the flow runs in this checkout: start one per machine.
 deploy: install  ## create the Prefect work pool `blockdrop` if missing and deploy prefect.yaml's flows to it
-	$(PY) -m pipelines.pool deploy
+	$(PY) -m ops.pool deploy
 
 worker: install data  ## a Prefect worker on the pool: runs the deployments' flow runs here (ARGS="--limit 1")
-	$(PY) -m pipelines.pool worker $(ARGS)
+	$(PY) -m ops.pool worker $(ARGS)
 
 sweep: install data  ## every setting of sweep.grid as a DVC experiment; reports/sweep/ (ARGS="--set key=v1,v2")
-	$(PY) -m pipelines.flow sweep $(ARGS)
+	$(PY) -m orchestration sweep $(ARGS)
 
 ui: install  ## MLflow UI on http://127.0.0.1:5000 (one worker) over this project's tracking store
 	@$(PY) -c 'from blockdrop import config, tracking; \
@@ -114,7 +114,7 @@ postgres:  ## PostgreSQL for `make tracking-server` and its test (apt-get, when 
 
 # A private PostgreSQL cluster in .tracking/pg and `mlflow server` over it, both on 127.0.0.1; Ctrl-C stops both.
 tracking-server: install postgres  ## MLflow server on http://127.0.0.1:5050 over PostgreSQL (ARGS="--port N")
-	$(PY) -m pipelines.tracking_server $(ARGS)
+	$(PY) -m ops.tracking_server $(ARGS)
 
 plots: install  ## DVC plots as HTML in reports/plots/, with vendored vega scripts (works offline)
 	rm -rf reports/plots && mkdir -p reports/plots/vendor

@@ -48,7 +48,7 @@ from blockdrop.train.context import TrainContext  # noqa: E402
 from blockdrop.train.curriculum import train_curriculum  # noqa: E402
 from blockdrop.train.finetune import finetune_jointly  # noqa: E402
 from blockdrop.train.pretrain import pretrain_backbone  # noqa: E402
-from pipelines.profile import merge  # noqa: E402
+from ops.profile import merge  # noqa: E402
 
 # Split sizes of the real datasets (train before our val split is carved out of it, test).
 DATASETS = {"cifar10": (50_000, 10_000, 10), "cifar100": (50_000, 10_000, 100), "imagenet": (1_281_167, 50_000, 1000)}
@@ -88,7 +88,7 @@ class Bench:
 
 
 def resolve_profile(profile: Path) -> Params:
-    """params.yaml merged with ``profile``, as ``python -m pipelines.profile`` would write it."""
+    """params.yaml merged with ``profile``, as ``python -m ops.profile`` would write it."""
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     merge(raw, yaml.safe_load(profile.read_text()) or {})
     return parse_params(raw)

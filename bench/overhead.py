@@ -1,6 +1,6 @@
 """What orchestration and tracking cost, measured in one run on the tiny profile in a temporary copy.
 
-1. ``dvc repro --force``, then ``python -m pipelines.flow run --force`` (the Prefect flow: one task per
+1. ``dvc repro --force``, then ``python -m orchestration run --force`` (the Prefect flow: one task per
    stage through DVC's API in the flow's process, a parent MLflow run) twice in the same copy: against a
    running ``prefect server start`` (started untimed, as the database is; what ``make schedule``, a
    deployment or a configured ``PREFECT_API_URL`` use), and with no server, when the flow process starts
@@ -14,7 +14,7 @@
    run logs, for the last run of each stage in this workspace's store (``make repro``).
 
 3. With ``--tracking-server``, the same share against a shared MLflow server instead of SQLite: PostgreSQL and
-   ``mlflow server`` from ``pipelines/tracking_server.py`` (``make tracking-server``), started untimed on free
+   ``mlflow server`` from ``ops/tracking_server.py`` (``make tracking-server``), started untimed on free
    loopback ports, with ``dvc repro --force`` run once against each store; the flows are not run then.
 
 4. With ``--tracking-server --default-profile``, the default profile's pipeline (this checkout's params.yaml and
@@ -46,14 +46,14 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from tinyrepo import drop_dvc_remotes, make_tiny_repo, project_files  # noqa: E402
 
-from pipelines.prefect_server import api_url, local_server  # noqa: E402
-from pipelines.tracking_server import tracking_server  # noqa: E402
+from ops.tracking_server import tracking_server  # noqa: E402
+from orchestration.prefect_server import api_url, local_server  # noqa: E402
 
 FLOW_GOAL_S = 20.0
 LABELS = {"dvc": "dvc repro --force:",
           "dvc-server": "dvc repro --force (MLflow server over PostgreSQL):",
-          "flow": "python -m pipelines.flow run --force (running server):",
-          "flow-temp": "python -m pipelines.flow run --force (no server):"}
+          "flow": "python -m orchestration run --force (running server):",
+          "flow-temp": "python -m orchestration run --force (no server):"}
 SERVERS = {"flow": "a running Prefect server", "flow-temp": "its temporary Prefect server"}
 TRACKING_GOAL = 0.02
 
@@ -229,7 +229,7 @@ def main() -> None:
     create = f"from mlflow import MlflowClient; MlflowClient({uri!r}).search_experiments()"
     subprocess.run([sys.executable, "-c", create], env=env, check=True, capture_output=True)
     dvc = [sys.executable, "-m", "dvc", "repro", "--force"]
-    flow = [sys.executable, "-m", "pipelines.flow", "run", "--force"]
+    flow = [sys.executable, "-m", "orchestration", "run", "--force"]
     if args.default_profile:
         runs = {"dvc-server": dvc}
     elif args.tracking_server:

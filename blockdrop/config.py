@@ -246,61 +246,15 @@ class Tracking(Section):
     log_model: bool = True  # finetune logs and registers the BlockDrop model (alias "challenger")
 
 
-_CRON_FIELDS = (("minute", 0, 59), ("hour", 0, 23), ("day of month", 1, 31), ("month", 1, 12),
-                ("day of week", 0, 7))
-_CRON_NAMES = {"jan": 1, "feb": 2, "mar": 3, "apr": 4, "may": 5, "jun": 6, "jul": 7, "aug": 8, "sep": 9,
-               "oct": 10, "nov": 11, "dec": 12, "sun": 0, "mon": 1, "tue": 2, "wed": 3, "thu": 4, "fri": 5,
-               "sat": 6}
-_CRON_ALIASES = {"@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly"}
-_CRON_ITEM = re.compile(r"^(\*|(\w+)(?:-(\w+))?)(?:/(\d+))?$")
-
-
-def cron_error(expr: str) -> str | None:
-    """Why ``expr`` is not a 5-field cron expression (None if it is).
-
-    Uses ``croniter`` where it is importable (the parser Prefect's schedules follow); otherwise checks
-    the syntax and the ranges of the five fields (numbers, names, ``*``, ranges, lists, steps).
-    """
-    try:
-        from croniter import croniter
-    except ImportError:
-        croniter = None
-    if croniter is not None:
-        return None if croniter.is_valid(expr) else f"not a valid cron expression: {expr!r}"
-    if expr.strip().lower() in _CRON_ALIASES:
-        return None
-    fields = expr.split()
-    if len(fields) != 5:
-        return f"cron needs 5 fields (minute hour day-of-month month day-of-week), got {len(fields)} in {expr!r}"
-    for text, (name, low, high) in zip(fields, _CRON_FIELDS, strict=True):
-        for item in text.lower().split(","):
-            m = _CRON_ITEM.match(item)
-            if not m or (m.group(4) is not None and int(m.group(4)) == 0):
-                return f"bad {name} field {text!r} in {expr!r}"
-            for value in (m.group(2), m.group(3)):
-                if value is None:
-                    continue
-                number = int(value) if value.isdigit() else _CRON_NAMES.get(value)
-                if number is None or not low <= number <= high:
-                    return f"{name} {value!r} out of range {low}-{high} in {expr!r}"
-    return None
-
-
 class Flow(Section):
     retries: NonNegInt = 2  # Prefect retries of a stage that fails (never for exit code 2: bad params)
     retry_delay_s: NonNegFloat = 10.0  # wait between retries
     task_timeout_s: NonNegFloat = 14400.0  # a stage running longer is killed (its process tree) and fails; 0: no limit
-    cron: str = "0 3 * * 1"  # `make schedule`: when the retrain flow runs (here Mondays 03:00, local time)
+    # `make schedule`: when the retrain flow runs (here Mondays 03:00, local time). Checked where it is read,
+    # with Prefect's own schedule model (orchestration/cron.py), not here: a valid cron is Prefect's to say.
+    cron: str = "0 3 * * 1"
     accuracy_tolerance: Fraction = 0.002  # challenger may be this much (a fraction) less accurate than champion
     require_flops_not_higher: bool = True  # ... and, when true, must not use more FLOPs per image
-
-    @field_validator("cron")
-    @classmethod
-    def _valid_cron(cls, value: str) -> str:
-        error = cron_error(value)
-        if error:
-            raise ValueError(error)
-        return value
 
 
 GridValue = bool | int | float | str
@@ -312,7 +266,7 @@ NOT_SWEPT = ("sweep", "flow", "tracking", "report", "threads", "workers")
 
 
 class Sweep(Section):
-    # `make sweep` (pipelines/sweep.py): every combination of the grid's values is one DVC experiment
+    # `make sweep` (orchestration/sweep.py): every combination of the grid's values is one DVC experiment
     name: Annotated[str, Field(pattern=SWEEP_NAME, max_length=40)] = "sweep"  # experiments are <name>-<values>
     grid: dict[str, Annotated[list[GridValue], Field(min_length=1)]] = {}  # dotted params key -> its values
     workers: Annotated[int, Field(ge=1, le=32)] = 1  # DVC queue workers running experiments at once

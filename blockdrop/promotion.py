@@ -1,7 +1,7 @@
 """Champion / challenger: score a BlockDrop model on the test split, and decide whether it replaces the champion.
 
 :func:`decide` is a pure function of the two sets of numbers, so the rule is tested without models or a
-registry. The retrain flow (``pipelines/flow.py``) scores both models with :func:`score_model`, calls
+registry. The retrain flow (``orchestration/flows.py``) scores both models with :func:`score_model`, calls
 :func:`decide`, and moves the registry alias ``champion`` when it says so.
 
 The registry is tied to DVC: the challenger is the version whose ``dvc_md5`` tag is the md5 ``dvc.lock``

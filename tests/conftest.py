@@ -28,7 +28,7 @@ def mlflow_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
 
 @pytest.fixture(scope="session")
 def flows():
-    """pipelines.flow, imported under one temporary Prefect API for the whole session."""
+    """orchestration.flows, imported under one temporary Prefect API for the whole session."""
     home = None
     if not os.environ.get("PREFECT_HOME"):
         home = tempfile.mkdtemp(prefix="prefect-home-")
@@ -37,12 +37,20 @@ def flows():
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     from prefect.testing.utilities import prefect_test_harness
 
-    from pipelines import flow
+    from orchestration import flows
 
     with prefect_test_harness(server_startup_timeout=None):
-        yield flow
+        yield flows
     if home:
         shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def flow_stages(flows):
+    """orchestration.stages (the stage errors, ``dag_order``), imported under the ``flows`` fixture's Prefect API."""
+    from orchestration import stages
+
+    return stages
 
 
 @pytest.fixture(scope="module")

@@ -5,12 +5,14 @@ writes its params.yaml, runs the stage that reads the setting as DVC would (``py
 restores params.yaml and compares every file under data/, models/, reports/, checkpoints/ and the MLflow
 store with the snapshot taken before. Settings a schema alone refuses also run in-process through
 ``load_params`` (the same code path, without a 3-4 s interpreter start each), so the table stays cheap.
+``flow.cron`` is refused the same way by the commands that read it (``make schedule``, ``make deploy``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -53,8 +55,11 @@ STAGE_CASES = [
     ("finetune", "tracking: {experiment: ''}", "tracking.experiment"),
     # Two processes drop an epoch's last incomplete batch: 32 images per epoch make no batch of 64.
     ("curriculum", "{dist: {nproc: 2}, curriculum: {images_per_epoch: 32}}", "curriculum.batch_size"),
-    ("prepare", "flow: {cron: every monday}", "flow.cron"),
 ]
+
+# flow.cron is a plain string to the stages; the commands that read it check it with Prefect's own schedule
+# model before they start a server or deploy anything: `make schedule` and `make deploy`.
+CRON_COMMANDS = {"schedule": ["orchestration", "serve"], "deploy": ["ops.pool", "deploy"]}
 
 # Refused by the schema alone: checked in-process through load_params, the code path every stage starts with
 # (the subprocess cases above show that path exits 2 with one line for every stage).
@@ -162,6 +167,32 @@ def test_stage_refuses_bad_setting_before_any_work(repo: Path, name: str, snippe
     assert len(lines) == 1, proc.stderr
     assert key in named_keys(lines[0]), lines[0]
     assert snapshot(repo) == before, f"{name} wrote or changed files"
+
+
+@pytest.mark.parametrize("cron", ["61 * * * *", "every monday"])
+@pytest.mark.parametrize("command", CRON_COMMANDS)
+def test_schedule_and_deploy_refuse_a_cron_prefect_refuses_before_any_work(repo: Path, tmp_path: Path, command: str,
+                                                                            cron: str) -> None:
+    text = (repo / "params.yaml").read_text()
+    before = snapshot(repo)
+    (repo / "params.yaml").write_text(yaml.safe_dump(merge(yaml.safe_load(text), {"flow": {"cron": cron}})))
+    with socket.socket() as s:  # a port nothing listens on: a server, if one were started, would be ours
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in stage_env(repo).items() if k != "PREFECT_API_URL"}
+    env |= {"PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    try:
+        proc = subprocess.run([sys.executable, "-m", *CRON_COMMANDS[command], "--port", str(port)], cwd=repo,
+                              env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        (repo / "params.yaml").write_text(text)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert named_keys(lines[0]) == ["flow.cron"] and f'"{cron}"' in lines[0], lines[0]
+    assert "Prefect server" not in proc.stdout and not proc.stdout.strip(), proc.stdout  # none started
+    assert snapshot(repo) == before, f"make {command} wrote or changed files"
 
 
 @pytest.mark.parametrize(("snippet", "key"), SCHEMA_CASES)

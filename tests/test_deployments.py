@@ -1,5 +1,5 @@
 """prefect.yaml's deployments on a real ``prefect server start`` and a ``process`` worker (``make deploy``,
-``make worker``, i.e. ``python -m pipelines.pool deploy|worker``).
+``make worker``, i.e. ``python -m ops.pool deploy|worker``).
 
 One server on a free 127.0.0.1 port with its own PREFECT_HOME serves the module. The project is a copy of the
 reproduced tiny project (every stage up to date) whose ``flow.cron`` is changed first, so the deployed schedule
@@ -29,16 +29,16 @@ from mlflow import MlflowClient
 from tinyrepo import REPO, copy_reproduced, tiny_params
 
 from blockdrop import tracking
-from pipelines.prefect_server import api_url, local_server
+from orchestration.prefect_server import api_url, local_server
 
 POOL = "blockdrop"
 DEPLOYMENT = "pool"
-ENTRYPOINTS = {"blockdrop-pipeline": "pipelines/flow.py:pipeline_flow",
-               "blockdrop-retrain": "pipelines/flow.py:retrain_flow",
-               "blockdrop-sweep": "pipelines/sweep.py:sweep_flow"}
+ENTRYPOINTS = {"blockdrop-pipeline": "orchestration/flows.py:pipeline_flow",
+               "blockdrop-retrain": "orchestration/flows.py:retrain_flow",
+               "blockdrop-sweep": "orchestration/sweep.py:sweep_flow"}
 CRON = "30 4 * * 2"  # not the default: it must travel from the copy's params.yaml to the server
 # The project's settings that must not leak into the copy's runs (they would point MLflow, DVC or Prefect at
-# the developer's own stores), and prefect.yaml's two inputs, which only `pipelines.pool deploy` may set.
+# the developer's own stores), and prefect.yaml's two inputs, which only `ops.pool deploy` may set.
 LEAKS = ("MLFLOW_TRACKING_URI", tracking.PARENT_ENV, "DVC_EXP_NAME", "DVC_ROOT", "BLOCKDROP_ROOT",
          "PREFECT_API_URL", "PREFECT_HOME", "PREFECT_PROFILE", "BLOCKDROP_CRON", "BLOCKDROP_PROJECT")
 
@@ -59,7 +59,7 @@ def api(base: str, path: str, body: dict[str, Any] | None = None) -> Any:
 
 
 def pool_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "pipelines.pool", *args]
+    return [sys.executable, "-m", "ops.pool", *args]
 
 
 def run(cmd: list[str], root: Path, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
@@ -96,7 +96,7 @@ def deployed(tiny_reproduced: Path, tmp_path_factory: pytest.TempPathFactory) ->
                 "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1", "PYTHONUNBUFFERED": "1"})
     port = free_port()
     with (tmp / "server.log").open("w") as log, local_server(port, env, stdout=log, startup_timeout_s=180):
-        env["PREFECT_API_URL"] = api_url(port)  # so pipelines.pool uses this server and starts none
+        env["PREFECT_API_URL"] = api_url(port)  # so ops.pool uses this server and starts none
         first = run(pool_cmd("deploy"), root, env, timeout=300).stdout
         second = run(pool_cmd("deploy"), root, env, timeout=300).stdout
         yield Deployed(root, env["PREFECT_API_URL"], env, first, second)

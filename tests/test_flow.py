@@ -1,4 +1,4 @@
-"""The Prefect flows (pipelines/flow.py) over real DVC and a throw-away MLflow store.
+"""The Prefect flows (orchestration/flows.py, orchestration/stages.py) over real DVC and a throw-away MLflow store.
 
 Fast tests (default suite) run the pipeline flow on a toy DVC project whose stages are small scripts that
 log through ``blockdrop.tracking``: DAG order read from DVC, nesting under the parent run, params per
@@ -181,9 +181,9 @@ def toy_runs(flows, tmp_path_factory, isolated_env):
     return project, first, second, third, fourth
 
 
-def test_dag_order_comes_from_dvc(flows, toy_runs) -> None:
+def test_dag_order_comes_from_dvc(flow_stages, toy_runs) -> None:
     project, first, *_ = toy_runs
-    assert flows.dag_order(project.root) == ["a", "b", "c"]
+    assert flow_stages.dag_order(project.root) == ["a", "b", "c"]
     assert [s["stage"] for s in first["stages"]] == ["a", "b", "c"]
     assert [s["status"] for s in first["stages"]] == ["ran", "ran", "ran"]
 
@@ -253,10 +253,10 @@ def test_stages_restored_from_the_run_cache_are_recorded_as_restored(toy_runs) -
     assert project.client.get_run(fourth["parent_run_id"]).data.tags["stage.c"] == "restored"
 
 
-def test_bad_params_fail_without_retry(flows, tmp_path, monkeypatch) -> None:
+def test_bad_params_fail_without_retry(flows, flow_stages, tmp_path, monkeypatch) -> None:
     project = make_toy(tmp_path / "project", behaviour={"a": "bad-params"}, flow={"retries": 2})
     project.enter(monkeypatch)
-    with pytest.raises(flows.BadParamsError, match=r"stage a failed \(exit 2\).*pretrain\.epochs"):
+    with pytest.raises(flow_stages.BadParamsError, match=r"stage a failed \(exit 2\).*pretrain\.epochs"):
         flows.pipeline_flow()
     assert attempts(project, "a") == 1  # exit 2 is not retried, though flow.retries is 2
     assert attempts(project, "b") == 0
@@ -269,19 +269,20 @@ def test_bad_params_fail_without_retry(flows, tmp_path, monkeypatch) -> None:
 # ------------------------------------------------------------------------------- supervision, one flow only
 
 
-def test_stage_past_its_timeout_is_killed_and_not_retried(flows, tmp_path, monkeypatch) -> None:
+def test_stage_past_its_timeout_is_killed_and_not_retried(flows, flow_stages, tmp_path, monkeypatch) -> None:
     project = make_toy(tmp_path / "project", behaviour={"a": "sleep 300"}, flow={"retries": 2, "task_timeout_s": 8})
     project.enter(monkeypatch)
     t0 = time.monotonic()
-    with pytest.raises(flows.StageTimeoutError, match=r"stage a timed out after 8 s \(flow\.task_timeout_s\): its "
-                                                       "processes were killed"):
+    with pytest.raises(flow_stages.StageTimeoutError,
+                       match=r"stage a timed out after 8 s \(flow\.task_timeout_s\): its processes were killed"):
         flows.pipeline_flow()
     assert time.monotonic() - t0 < 60  # the 300 s stage was stopped at its 8 s timeout, not waited for
     assert attempts(project, "a") == 1 and attempts(project, "b") == 0  # not retried, though flow.retries is 2
     assert gone_within(stage_pid(project, "a"), 5) is not None
 
 
-def test_dvc_lock_held_elsewhere_fails_the_flow_as_busy_without_retry(flows, tmp_path, monkeypatch) -> None:
+def test_dvc_lock_held_elsewhere_fails_the_flow_as_busy_without_retry(flows, flow_stages, tmp_path,
+                                                                      monkeypatch) -> None:
     project = make_toy(tmp_path / "project", flow={"retries": 2})
     project.enter(monkeypatch)
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from dvc.repo import Repo; "
@@ -289,7 +290,7 @@ def test_dvc_lock_held_elsewhere_fails_the_flow_as_busy_without_retry(flows, tmp
                               cwd=project.root, stdout=subprocess.PIPE, text=True)  # as a `dvc repro` would
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(flows.PipelineBusyError, match="pipeline busy: stage a: DVC's lock is held"):
+        with pytest.raises(flow_stages.PipelineBusyError, match="pipeline busy: stage a: DVC's lock is held"):
             flows.pipeline_flow()
     finally:
         holder.kill()
@@ -304,7 +305,7 @@ def test_second_flow_fails_busy_and_a_killed_flow_stops_its_stage(flows, tmp_pat
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "MLFLOW_TRACKING_URI": project.uri}
     for var in ("BLOCKDROP_PARENT_RUN_ID", "DVC_EXP_NAME", "DVC_ROOT", "BLOCKDROP_ROOT"):
         env.pop(var, None)
-    command = [sys.executable, "-m", "pipelines.flow", "run"]
+    command = [sys.executable, "-m", "orchestration", "run"]
     first = subprocess.Popen(command, cwd=project.root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     pid = None
     try:
@@ -475,9 +476,9 @@ def test_retrain_promotes_the_dvc_lock_version_over_a_worse_champion(retrain_run
         metrics["blockdrop"]["accuracy"])
 
 
-def test_real_pipeline_stage_runs_nested_with_params_yaml_values(flows, retrain_runs) -> None:
+def test_real_pipeline_stage_runs_nested_with_params_yaml_values(flow_stages, retrain_runs) -> None:
     project, _, first, *_ = retrain_runs
-    stages = flows.dag_order(project.root)
+    stages = flow_stages.dag_order(project.root)
     pipeline_run = first["pipeline"]["parent_run_id"]
     assert project.client.get_run(pipeline_run).data.tags["mlflow.parentRunId"] == first["parent_run_id"]
     children = project.children(pipeline_run)
@@ -488,9 +489,9 @@ def test_real_pipeline_stage_runs_nested_with_params_yaml_values(flows, retrain_
 
 
 
-def test_real_pipeline_up_to_date_stages_recorded_as_skipped(flows, retrain_runs) -> None:
+def test_real_pipeline_up_to_date_stages_recorded_as_skipped(flow_stages, retrain_runs) -> None:
     project, _, _, _, second, _ = retrain_runs
-    stages = flows.dag_order(project.root)
+    stages = flow_stages.dag_order(project.root)
     status = {s["stage"]: s["status"] for s in second["pipeline"]["stages"]}
     upstream = stages[: stages.index("evaluate")]
     assert all(status[s] == "skipped" for s in upstream), status

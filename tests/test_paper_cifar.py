@@ -1,6 +1,6 @@
 """`dvc repro` of the CIFAR-10 ResNet-32 paper profile, shrunk only in sizes, on CIFAR-format files.
 
-The copy of the project gets the profile exactly as a user applies it (``python -m pipelines.profile``), then
+The copy of the project gets the profile exactly as a user applies it (``python -m ops.profile``), then
 a second profile that changes only sizes: image counts, epochs, batch sizes, the finetune decay's epoch (a
 position in a shorter run) and the latency sample. Every other key (the paper's loss, the dense masked
 finetuning, the summed policy gradient, the step schedule, 32x32 crops with padding 4, fp32) is the
@@ -116,8 +116,8 @@ def repro(tmp_path_factory: pytest.TempPathFactory) -> Path:
            "PYTHONPATH": os.pathsep.join(filter(None, [str(shim), os.environ.get("PYTHONPATH")]))}
     env.pop("BLOCKDROP_PARENT_RUN_ID", None)
     (base / "shrink.yaml").write_text(yaml.safe_dump(SHRINK))
-    run(root, env, sys.executable, "-m", "pipelines.profile", "profiles/cifar10-resnet32.yaml")
-    run(root, env, sys.executable, "-m", "pipelines.profile", str(base / "shrink.yaml"))
+    run(root, env, sys.executable, "-m", "ops.profile", "profiles/cifar10-resnet32.yaml")
+    run(root, env, sys.executable, "-m", "ops.profile", str(base / "shrink.yaml"))
     run(root, env, "dvc", "repro")
     return root
 

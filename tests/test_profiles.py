@@ -2,7 +2,7 @@
 
 Each table below is what the authors ran (their README commands, their scripts' defaults where the README is
 silent, He et al.'s backbone recipe; docs/paper.md, the authors' settings), written out key by key. A profile is
-checked *resolved*: params.yaml merged with the profile (as ``python -m pipelines.profile`` does) and
+checked *resolved*: params.yaml merged with the profile (as ``python -m ops.profile`` does) and
 validated, so a default changed later in params.yaml fails here unless the profile pins the key. A ``-fast``
 profile must differ from its faithful profile in exactly the keys its header comment lists, to the values
 it lists. The last test runs ``bench/gpu_paper.py --smoke`` on the CPU.
@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from blockdrop.config import Params, flatten, parse_params
-from pipelines.profile import merge
+from ops.profile import merge
 
 REPO = Path(__file__).resolve().parents[1]
 PROFILES = REPO / "profiles"
@@ -111,7 +111,7 @@ def raw_defaults() -> dict:
 
 
 def resolve(name: str, defaults: dict | None = None) -> dict:
-    """params.yaml (or ``defaults``) merged with the profile, as pipelines.profile does; dotted values."""
+    """params.yaml (or ``defaults``) merged with the profile, as ops.profile does; dotted values."""
     raw = copy.deepcopy(defaults if defaults is not None else raw_defaults())
     merge(raw, yaml.safe_load((PROFILES / f"{name}.yaml").read_text()))
     return raw
@@ -187,7 +187,7 @@ def test_paper_profiles_apply_with_the_profile_command(tmp_path: Path) -> None:
     for name in TABLES:
         params = tmp_path / f"{name}.yaml"
         params.write_text((REPO / "params.yaml").read_text())
-        subprocess.run([sys.executable, "-m", "pipelines.profile", str(PROFILES / f"{name}.yaml"), "--params",
+        subprocess.run([sys.executable, "-m", "ops.profile", str(PROFILES / f"{name}.yaml"), "--params",
                         str(params)], cwd=REPO, check=True, capture_output=True)
         flat = flatten(parse_params(yaml.safe_load(params.read_text())).model_dump())
         assert {k: flat[k] for k in TABLES[name]} == TABLES[name]

@@ -1,4 +1,4 @@
-"""``make sweep`` (pipelines/sweep.py) on the tiny profile: two penalties as DVC experiments on two queue workers.
+"""``make sweep`` (orchestration/sweep.py) on the tiny profile: two penalties as DVC experiments on two queue workers.
 
 What the sweep must show, on a real copy of the project: both experiments in ``dvc exp show`` and
 their stage runs in MLflow under one parent run, each ``evaluate`` run carrying its penalty; shared stages
@@ -42,7 +42,7 @@ def stage_runs(client: MlflowClient) -> list:
 def swept(flows, tiny_reproduced, tmp_path_factory, isolated_env):
     """A committed tiny project, reproduced, with ``SWEEP`` as its sweep; the sweep run twice. (root, client,
     first, second, runs before the second run)."""
-    from pipelines import sweep
+    from orchestration import sweep
 
     root = copy_reproduced(tiny_reproduced, tmp_path_factory.mktemp("sweep") / "repo")
     params = yaml.safe_load((root / "params.yaml").read_text())
@@ -135,7 +135,7 @@ def test_second_run_of_the_same_sweep_is_a_no_op(swept) -> None:
 
 def test_a_failing_setting_is_retried_reported_and_stops_nothing_else(swept) -> None:
     """data.train_limit above the images there is passes params validation and fails ``prepare`` (exit 2)."""
-    from pipelines import sweep
+    from orchestration import sweep
 
     root = swept[0]
     result = sweep.sweep_flow(grid={"data.train_limit": [512, 100_000]})
@@ -149,7 +149,7 @@ def test_a_failing_setting_is_retried_reported_and_stops_nothing_else(swept) -> 
 
 def test_invalid_grid_exits_2_naming_the_key_before_anything_runs(tmp_path) -> None:
     repo = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, "-m", "pipelines.flow", "sweep", "--set", "finetune.penalty=1,-1"],
+    proc = subprocess.run([sys.executable, "-m", "orchestration", "sweep", "--set", "finetune.penalty=1,-1"],
                           cwd=repo, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "sweep.grid.finetune.penalty" in proc.stderr, proc.stderr
     params = yaml.safe_load((repo / "params.yaml").read_text())

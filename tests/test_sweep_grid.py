@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from blockdrop.config import ParamsError
-from pipelines.sweep import expand, parse_set
+from orchestration.grid import expand, parse_set
 
 
 def test_every_combination_is_one_setting_named_after_its_values_in_grid_order():

@@ -1,4 +1,4 @@
-"""MLflow as a shared server over PostgreSQL (``make tracking-server``, ``pipelines/tracking_server.py``).
+"""MLflow as a shared server over PostgreSQL (``make tracking-server``, ``ops/tracking_server.py``).
 
 A private PostgreSQL cluster and ``mlflow server`` (one worker, artifacts proxied to a folder) are started for
 real on free loopback ports, once for the module. The tiny pipeline logs every stage through the server, and
@@ -29,7 +29,7 @@ import yaml
 from tinyrepo import copy_reproduced, tiny_params
 
 from blockdrop import tracking
-from pipelines.tracking_server import MlflowServer, ServerError, pg_bin, tracking_server
+from ops.tracking_server import MlflowServer, ServerError, pg_bin, tracking_server
 
 
 def _postgres_missing() -> str | None:

@@ -9,8 +9,10 @@ root, where flow runs start. ``worker`` runs ``prefect worker start --pool block
 ``--limit 1`` or ``--run-once``, are passed on).
 
 Both need a Prefect API: ``PREFECT_API_URL`` when set (a shared server; its host runs the schedules), else the
-server on 127.0.0.1:4200 that ``make schedule`` uses, started for the command's duration if none answers there.
-Like ``pipelines/prefect_server.py``, this module runs the ``prefect`` command and never imports Prefect.
+server on 127.0.0.1:4200 that ``make schedule`` uses, started for the command's duration if none answers there
+(``orchestration.prefect_server``). This module runs the ``prefect`` command and never imports Prefect; only
+``deploy`` loads it, through ``orchestration.cron``, to check ``flow.cron`` with Prefect's own schedule model
+before anything is created (one line naming ``flow.cron``, exit 2).
 """
 
 from __future__ import annotations
@@ -27,13 +29,13 @@ from typing import Any
 
 import yaml
 
-from blockdrop.config import load_params
-from pipelines.prefect_server import api_url, healthy, local_server
+from blockdrop.config import Params, load_params
+from orchestration.prefect_server import LOCAL_PORT, api_url, healthy, local_server
 
-__all__ = ["deploy", "pool_name", "prefect_env", "worker"]
+__all__ = ["checked_params", "deploy", "pool_name", "prefect_env", "worker"]
 
 PREFECT_FILE = "prefect.yaml"
-PORT = 4200  # make schedule's server
+PORT = LOCAL_PORT  # make schedule's server
 POOL_TYPE = "process"
 STOP_GRACE_S = 30.0  # after SIGTERM, how long the worker gets to hand back its flow runs
 
@@ -105,9 +107,18 @@ def ensure_pool(pool: str, env: dict[str, str], root: Path) -> bool:
     return True
 
 
-def deploy(root: Path, env: dict[str, str]) -> None:
-    """Create the pool if missing, then ``prefect deploy --all`` with the cron and the project's root."""
-    params = load_params(root / "params.yaml")  # invalid params: one line, exit 2, nothing deployed
+def checked_params(root: Path) -> Params:
+    """The project's params with a ``flow.cron`` Prefect accepts; else one line naming the key, exit 2."""
+    from orchestration.cron import checked_cron  # the one import of Prefect, for its schedule model
+
+    params = load_params(root / "params.yaml")
+    checked_cron(params)
+    return params
+
+
+def deploy(root: Path, env: dict[str, str], params: Params) -> None:
+    """Create the pool if missing, then ``prefect deploy --all`` with the cron (``params.flow.cron``, checked by
+    :func:`checked_params`) and the project's root."""
     pool = pool_name(root)
     ensure_pool(pool, env, root)
     env = {**env, "BLOCKDROP_CRON": params.flow.cron, "BLOCKDROP_PROJECT": str(root)}
@@ -149,7 +160,7 @@ def worker(root: Path, env: dict[str, str], extra: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.pool", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m ops.pool", description=__doc__.split("\n\n")[0],
                                      allow_abbrev=False)  # --p... belongs to the worker, not to --port
     parser.add_argument("command", choices=("deploy", "worker"),
                         help="deploy: create the work pool if missing and deploy prefect.yaml's flows to it; "
@@ -160,13 +171,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "deploy" and extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     root = project_root()
+    # Invalid params or a cron Prefect refuses: one line, exit 2, before any server starts or anything is deployed.
+    params = checked_params(root) if args.command == "deploy" else None
     signal.signal(signal.SIGTERM, _terminate)  # `kill` stops a server this command started, too
     # deploy: the server (if we start one) lives for seconds, and its banner would bury prefect deploy's output.
     server_log = Path(os.devnull) if args.command == "deploy" else None
     try:
         with prefect_env(args.port, server_log=server_log) as env:
             if args.command == "deploy":
-                deploy(root, env)
+                deploy(root, env, params)
             else:
                 code = worker(root, env, extra)
                 if code:

@@ -1,6 +1,6 @@
 """``make serve``: the registered BlockDrop model over HTTP, with MLflow's own server.
 
-    python -m pipelines.serve [--alias champion] [--port 5001] [--env-manager local]
+    python -m ops.serve [--alias champion] [--port 5001] [--env-manager local]
 
 Finds the registered model this project's params name (``blockdrop-<dataset>-resnet<depth>``), checks that
 the alias points at a version, then replaces itself with

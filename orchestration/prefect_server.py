@@ -1,8 +1,10 @@
 """A local ``prefect server start`` as a child process: find one answering, or start one and stop it after.
 
-Used by ``python -m pipelines.flow serve`` (``make schedule``), ``python -m pipelines.pool`` (``make deploy``,
-``make worker``) and ``bench/overhead.py``. It runs the ``prefect`` command and never imports Prefect, which stays
-``pipelines/flow.py``'s and ``pipelines/sweep.py``'s alone.
+Used by ``python -m orchestration serve`` (``make schedule``), ``python -m ops.pool`` (``make deploy``,
+``make worker``), ``orchestration.api`` (a flow uses ``make schedule``'s server when it answers) and
+``bench/overhead.py``. It lives here, beside the flows that need a server, because ``orchestration`` may not
+import ``ops``; ``ops`` imports it from here. It runs the ``prefect`` command and never imports Prefect, so
+``ops`` uses it without loading Prefect.
 """
 
 from __future__ import annotations
@@ -18,16 +20,19 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-__all__ = ["api_url", "healthy", "local_server"]
+__all__ = ["LOCAL_PORT", "api_url", "healthy", "local_server"]
+
+LOCAL_PORT = 4200  # make schedule's server, which make deploy, make worker and the flows use too
 
 
 def api_url(port: int) -> str:
+    """The Prefect API of a server on 127.0.0.1:``port``."""
     return f"http://127.0.0.1:{port}/api"
 
 
 def healthy(api: str, timeout: float = 2.0) -> bool:
     """Whether a server answers ``GET <api>/health`` with 200: a Prefect API here, an MLflow server in
-    ``pipelines/tracking_server.py`` (both have that endpoint)."""
+    ``ops/tracking_server.py`` (both have that endpoint)."""
     try:
         with urllib.request.urlopen(f"{api}/health", timeout=timeout) as response:
             return response.status == 200

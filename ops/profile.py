@@ -1,4 +1,4 @@
-"""Apply a profile: ``python -m pipelines.profile profiles/tiny.yaml`` merges it into params.yaml.
+"""Apply a profile: ``python -m ops.profile profiles/tiny.yaml`` merges it into params.yaml.
 
 Only the keys the profile names change; comments and order in params.yaml are kept (ruamel round trip),
 and the merged result is validated before anything is written.

@@ -6,13 +6,13 @@ REST API and the UI and proxies artifact uploads and downloads to ``--artifacts-
 here, ``s3://...`` on a real deployment), so the stages need a URL and nothing else: no database driver,
 no credentials, no access to the artifact store. Both bind 127.0.0.1 only.
 
-    python -m pipelines.tracking_server              # PostgreSQL on 127.0.0.1:5433, MLflow on 127.0.0.1:5050
+    python -m ops.tracking_server                    # PostgreSQL on 127.0.0.1:5433, MLflow on 127.0.0.1:5050
     export MLFLOW_TRACKING_URI=http://127.0.0.1:5050  # then `dvc repro`, `make flow`... log there
 
 Everything lives in a git-ignored folder (``.tracking/``): the cluster (``pg/``), its password, its log and
 the artifacts. Ctrl-C stops the MLflow server, then PostgreSQL. Used by ``tests/test_tracking_server.py`` and
-``bench/overhead.py --tracking-server`` too. Like ``pipelines/prefect_server.py``, it runs commands and never
-imports mlflow.
+``bench/overhead.py --tracking-server`` too. Like ``orchestration/prefect_server.py``, it runs commands and
+never imports mlflow.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from pipelines.prefect_server import healthy  # the same GET <url>/health check; MLflow's server has one too
+from orchestration.prefect_server import healthy  # the same GET <url>/health check; MLflow's server has one too
 
 __all__ = ["MlflowServer", "Postgres", "ServerError", "healthy", "tracking_server"]
 
@@ -131,7 +131,7 @@ class Postgres:
         # TCP on loopback only, and no Unix socket (Debian's default socket folder belongs to the system's
         # PostgreSQL); written into the cluster's config, so no later start can listen anywhere else.
         with (self.data / "postgresql.conf").open("a") as conf:
-            conf.write("\n# blockdrop: pipelines/tracking_server.py\nlisten_addresses = '127.0.0.1'\n"
+            conf.write("\n# blockdrop: ops/tracking_server.py\nlisten_addresses = '127.0.0.1'\n"
                        "unix_socket_directories = ''\n")
 
     def running(self) -> bool:
