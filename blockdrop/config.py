@@ -5,6 +5,9 @@ value, or settings that cannot work together stop the stage before it touches an
 dotted name (the same name DVC, MLflow and ``dvc exp run -S`` use) in a one-line message and exit code 2.
 What can only be checked against the data (a crop larger than the image, more latency images than test
 images) is checked by :func:`check_data_fit` as soon as the stage knows the data's shape.
+
+Why this module is long: it is the whole schema, one pydantic model per section of params.yaml with each
+field's type, range and meaning, so that every knob is read in one place next to the checks that join them.
 """
 
 from __future__ import annotations
