@@ -157,7 +157,7 @@ def tracked_run(ctx: StageContext, data_sha256: str | None = None) -> contextlib
     the other ranks of a distributed job."""
     if not ctx.dist.is_main:
         return contextlib.nullcontext(UnrecordedRun())
-    from blockdrop import tracking  # the one MLflow-aware module
+    from blockdrop import tracking  # the MLflow-aware package, imported only when a run is opened
 
     return _with_world_size(tracking.stage_run(ctx.name, ctx.params, data_sha256=data_sha256), ctx.dist)
 
@@ -183,7 +183,7 @@ def publish(run: StageRun, reports: Path, history: list[dict], metrics: dict, mo
 @contextlib.contextmanager
 def failures_reported(name: str) -> Iterator[None]:
     """Exit 1 with one line for the failures a user can act on (missing data, bad checkpoint, ...)."""
-    from blockdrop.tracking import TrackingUnavailable  # the one MLflow-aware module
+    from blockdrop.tracking import TrackingUnavailable  # the MLflow-aware package
 
     try:
         yield

@@ -30,6 +30,7 @@ from typing import Any
 import yaml
 
 from blockdrop.config import Params, load_params
+from blockdrop.project import project_root
 from orchestration.prefect_server import LOCAL_PORT, api_url, healthy, local_server
 
 __all__ = ["checked_params", "deploy", "pool_name", "prefect_env", "worker"]
@@ -40,13 +41,16 @@ POOL_TYPE = "process"
 STOP_GRACE_S = 30.0  # after SIGTERM, how long the worker gets to hand back its flow runs
 
 
-def project_root(start: Path | None = None) -> Path:
-    """The nearest folder at or above ``start`` (default: cwd) holding ``prefect.yaml`` and ``dvc.yaml``."""
-    start = (start or Path.cwd()).resolve()
-    for folder in (start, *start.parents):
-        if (folder / PREFECT_FILE).is_file() and (folder / "dvc.yaml").is_file():
-            return folder
-    raise SystemExit(f"error: no {PREFECT_FILE} beside a dvc.yaml in {start} or above: run from the project")
+def pool_root() -> Path:
+    """The project this pool serves: the nearest folder at or above the working one holding ``prefect.yaml``,
+    which must sit beside the project's ``dvc.yaml``."""
+    try:
+        root = project_root(Path.cwd(), marker=PREFECT_FILE)
+    except FileNotFoundError as error:
+        raise SystemExit(f"error: {error}") from None
+    if not (root / "dvc.yaml").is_file():
+        raise SystemExit(f"error: {root / PREFECT_FILE} has no dvc.yaml beside it: run from the project")
+    return root
 
 
 def pool_name(root: Path) -> str:
@@ -170,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     args, extra = parser.parse_known_args(argv)
     if args.command == "deploy" and extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    root = project_root()
+    root = pool_root()
     # Invalid params or a cron Prefect refuses: one line, exit 2, before any server starts or anything is deployed.
     params = checked_params(root) if args.command == "deploy" else None
     signal.signal(signal.SIGTERM, _terminate)  # `kill` stops a server this command started, too

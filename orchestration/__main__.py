@@ -16,11 +16,12 @@ import sys
 
 from blockdrop import tracking
 from blockdrop.config import ParamsError, refuse
+from blockdrop.project import project_root
 from orchestration.api import on_local_server
 from orchestration.flows import PIPELINE, RETRAIN, pipeline_flow, retrain_flow
 from orchestration.grid import parse_set
 from orchestration.prefect_server import LOCAL_PORT
-from orchestration.stages import PipelineBusyError, flow_lock, project_root
+from orchestration.stages import PipelineBusyError, flow_lock
 
 
 def main(argv: list[str] | None = None) -> None:

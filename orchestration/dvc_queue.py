@@ -19,7 +19,7 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from blockdrop import tracking
+from blockdrop import project, tracking
 from orchestration.grid import Setting
 from orchestration.stages import stage_env
 
@@ -69,8 +69,11 @@ def start_workers(root: Path, workers: int, env: dict[str, str]) -> None:
 
 
 def git(root: Path, *args: str) -> str:
-    """``git <args>`` in ``root``; its stdout."""
-    return subprocess.run(["git", *args], cwd=root, check=True, capture_output=True, text=True).stdout
+    """``git <args>`` in ``root``: its stdout, stripped; RuntimeError if git fails (the sweep cannot go on)."""
+    out = project.git(*args, cwd=root)
+    if out is None:
+        raise RuntimeError(f"git {' '.join(args)} failed in {root}")
+    return out
 
 
 def experiments_on_head(root: Path) -> dict[str, str]:
@@ -85,8 +88,7 @@ def experiments_on_head(root: Path) -> dict[str, str]:
 
 def read_at(root: Path, rev: str, path: str) -> str | None:
     """The text of ``path`` at commit ``rev`` (an experiment's), or None if it has none."""
-    proc = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=root, capture_output=True, text=True)
-    return proc.stdout if proc.returncode == 0 else None
+    return project.git("show", f"{rev}:{path}", cwd=root)
 
 
 def queue_status(root: Path) -> tuple[dict[str, str], int]:

@@ -24,7 +24,8 @@ from prefect.cache_policies import NO_CACHE
 
 from blockdrop import tracking
 from blockdrop.config import Params, load_params
-from orchestration.stages import dag_order, flow_lock, project_root, run_stage
+from blockdrop.project import project_root
+from orchestration.stages import dag_order, flow_lock, run_stage
 
 __all__ = ["PIPELINE", "RETRAIN", "compare_and_promote", "pipeline_flow", "retrain_flow"]
 

@@ -13,10 +13,11 @@ import signal
 from typing import Any
 
 from blockdrop.config import load_params
+from blockdrop.project import project_root
 from orchestration.cron import checked_cron
 from orchestration.flows import RETRAIN, retrain_flow
 from orchestration.prefect_server import LOCAL_PORT, api_url, local_server
-from orchestration.stages import project_root, stage_env
+from orchestration.stages import stage_env
 
 __all__ = ["DEPLOYMENT", "serve"]
 

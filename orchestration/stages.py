@@ -36,7 +36,7 @@ from orchestration.stage_output import StageOutput
 from orchestration.stage_timeout import Watchdog
 
 __all__ = ["BadParamsError", "PipelineBusyError", "StageFailedError", "StageTimeoutError", "dag_order", "flow_lock",
-           "project_root", "run_stage", "stage_env"]
+           "run_stage", "stage_env"]
 
 BAD_PARAMS_EXIT = 2  # blockdrop.config.load_params exits 2 on invalid params
 FLOW_LOCK = Path(".dvc/tmp/blockdrop-flow.lock")  # relative to the project root
@@ -59,15 +59,6 @@ class StageTimeoutError(StageFailedError):
 
 
 NOT_RETRIED = (BadParamsError, PipelineBusyError, StageTimeoutError)
-
-
-def project_root(start: Path | None = None) -> Path:
-    """The nearest folder at or above ``start`` (default: cwd) that holds ``dvc.yaml``."""
-    start = (start or Path.cwd()).resolve()
-    for folder in (start, *start.parents):
-        if (folder / "dvc.yaml").exists():
-            return folder
-    raise FileNotFoundError(f"no dvc.yaml in {start} or above: run from the project")
 
 
 def dag_order(root: Path) -> list[str]:

@@ -31,10 +31,11 @@ from prefect import flow, get_run_logger
 
 from blockdrop import tracking
 from blockdrop.config import Params, ParamsError, load_params, parse_params, refuse
+from blockdrop.project import project_root
 from orchestration.api import on_local_server
 from orchestration.dvc_queue import experiments_on_head, git, queue_env, run_experiments
 from orchestration.grid import expand
-from orchestration.stages import PipelineBusyError, flow_lock, project_root
+from orchestration.stages import PipelineBusyError, flow_lock
 from orchestration.sweep_results import load_experiment, matches, same_results, write_results
 
 __all__ = ["OUT", "SWEEP", "main", "refresh_report", "sweep_flow", "sweep_params"]
