@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_wiring import CLASSES, NORM, Oracle, bar_split
 from torch import nn
 
 from blockdrop.config import Curriculum, Finetune
@@ -22,7 +23,6 @@ from blockdrop.runtime import CompiledNet, resolve_precision
 from blockdrop.train.context import TrainContext
 from blockdrop.train.curriculum import KeptPolicy, train_curriculum
 from blockdrop.train.finetune import finetune_jointly
-from test_wiring import CLASSES, NORM, Oracle, bar_split
 
 # ----------------------------------------------------------------------------------------------------------
 # curriculum.entropy: the gradient of the entropy term, by hand
