@@ -43,7 +43,7 @@ from blockdrop.config import Params, parse_params  # noqa: E402
 from blockdrop.data import Normalize, Split  # noqa: E402
 from blockdrop.models import cifar_resnet, policy_resnet8  # noqa: E402
 from blockdrop.predict import run_policy  # noqa: E402
-from blockdrop.runtime import bf16_is_fast, select_device  # noqa: E402
+from blockdrop.runtime import bf16_is_fast, resolve_precision, select_device  # noqa: E402
 from blockdrop.train.context import TrainContext  # noqa: E402
 from blockdrop.train.curriculum import train_curriculum  # noqa: E402
 from blockdrop.train.finetune import finetune_jointly  # noqa: E402
@@ -337,6 +337,7 @@ def main() -> None:
     precision = params.precision if params.precision != "auto" else "bf16"
     if precision == "bf16" and not bf16_is_fast(device):
         precision = "fp32"
+    precision = resolve_precision(precision, device)  # fp32 on CUDA: TF32 off, as the stages run it
     # inductor on a CPU: minutes to compile, no gain (docs/benchmarks.md, training throughput)
     compile_model = params.compile and device.type == "cuda" and not args.no_compile
     imagenet = params.data.source == "imagenet"

@@ -183,6 +183,20 @@ class Curriculum(Section):
     # Training steps per newly unlocked block (0: one block per epoch, the authors' schedule). With many
     # images per epoch (the fast GPU profiles) unlocking by steps reaches all K blocks in a fraction of the time.
     unlock_every: NonNegInt = 0
+    # bernoulli: the Bernoulli entropy of the learnable blocks | authors: cl_training.py's -p' log p' over all
+    # K blocks, forced-on ones included (peaks at p' = 1/e: it pulls every block toward being dropped)
+    entropy: Literal["bernoulli", "authors"] = "bernoulli"
+    # The epoch (1-based) whose policy models/policy_cl.pt keeps, and finetuning starts from; 0: the last.
+    # The later epochs still run (their rows stay in the history), as the authors' run went on past the
+    # checkpoint their README finetunes from.
+    keep_epoch: NonNegInt = 0
+
+    @model_validator(mode="after")
+    def _kept_epoch_runs(self) -> Curriculum:
+        if self.keep_epoch > self.epochs:
+            raise Conflict(("keep_epoch", "epochs"), f"epoch {self.keep_epoch} is never reached in {self.epochs} "
+                           "epochs (0 keeps the last)")
+        return self
 
 
 class Finetune(Section):

@@ -12,6 +12,8 @@ import torch
 from blockdrop.dist import SINGLE, Dist
 
 __all__ = [
+    "ENTROPY_FORMS",
+    "authors_entropy",
     "bernoulli_entropy",
     "bound_probs",
     "curriculum_mask",
@@ -68,6 +70,19 @@ def bernoulli_entropy(probs: torch.Tensor) -> torch.Tensor:
     return -(p * p.log() + (1 - p) * (1 - p).log())
 
 
+def authors_entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Elementwise ``-p log p`` of the authors' curriculum loss (``cl_training.py``), ``p`` clamped to
+    [1e-15, 1 - 1e-15] as they clamp it. Not the Bernoulli entropy: it leaves out the ``(1 - p) log(1 - p)``
+    half, so it peaks at ``p' = 1/e`` (a keep-probability p of about 0.28 before bounding with alpha 0.8),
+    below the greedy threshold 0.5: it pulls every block toward being dropped."""
+    p = probs.clamp(1e-15, 1 - 1e-15)
+    return -p * p.log()
+
+
+# curriculum.entropy: the per-block term, and whether it covers only the learnable blocks (True) or all K
+ENTROPY_FORMS = {"bernoulli": (bernoulli_entropy, True), "authors": (authors_entropy, False)}
+
+
 def policy_gradient_loss(
     probs: torch.Tensor,
     actions: torch.Tensor,
@@ -75,12 +90,15 @@ def policy_gradient_loss(
     learnable: torch.Tensor | None = None,
     beta: float = 0.0,
     reduction: str = "mean",
+    entropy: str = "bernoulli",
 ) -> torch.Tensor:
     """REINFORCE with a baseline: ``-A * sum_k log pi(a_k)`` over the batch (``mean`` or ``sum``),
-    minus ``beta`` times the mean entropy of the learnable blocks.
+    minus ``beta`` times an entropy term summed over blocks and averaged over the batch.
 
     ``probs`` are the (bounded) probabilities the actions were sampled from; only blocks in
-    ``learnable`` contribute, since forced-on blocks were not the policy's choice.
+    ``learnable`` contribute to the policy-gradient term, since forced-on blocks were not the policy's
+    choice. ``entropy`` (``curriculum.entropy``): ``bernoulli`` is the Bernoulli entropy of the learnable
+    blocks; ``authors`` is ``-p log p`` over all K blocks, forced-on ones included, as ``cl_training.py``.
     """
     mask = torch.ones(probs.shape[1], dtype=torch.bool) if learnable is None else learnable
     mask = mask.to(probs.device).to(probs.dtype)
@@ -89,5 +107,7 @@ def policy_gradient_loss(
     per_image = -advantage.detach() * (log_pi * mask).sum(1)
     pg = per_image.mean() if reduction == "mean" else per_image.sum()
     if beta:
-        pg = pg - beta * (bernoulli_entropy(probs) * mask).sum(1).mean()
+        term, masked = ENTROPY_FORMS[entropy]
+        h = term(probs) * mask if masked else term(probs)
+        pg = pg - beta * h.sum(1).mean()
     return pg

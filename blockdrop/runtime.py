@@ -14,7 +14,7 @@ import torch
 from blockdrop.config import ParamsError
 
 __all__ = ["CompiledNet", "autocast", "bf16_is_fast", "compiled", "resolve_precision", "seed_everything",
-           "select_device"]
+           "select_device", "use_full_fp32"]
 
 
 def select_device(choice: str = "auto", threads: int = 0) -> torch.device:
@@ -48,8 +48,21 @@ def bf16_is_fast(device: torch.device) -> bool:
 
 
 def resolve_precision(choice: str, device: torch.device) -> str:
-    """``auto`` -> ``bf16`` where it is fast, else ``fp32``."""
-    return ("bf16" if bf16_is_fast(device) else "fp32") if choice == "auto" else choice
+    """``auto`` -> ``bf16`` where it is fast, else ``fp32``; on CUDA, ``fp32`` also turns TF32 off
+    (:func:`use_full_fp32`)."""
+    precision = ("bf16" if bf16_is_fast(device) else "fp32") if choice == "auto" else choice
+    if precision == "fp32" and device.type == "cuda":
+        use_full_fp32()
+    return precision
+
+
+def use_full_fp32() -> None:
+    """Make fp32 mean fp32 on CUDA: from Ampere on, PyTorch runs fp32 convolutions in TF32 (10-bit mantissa)
+    unless told not to, and matmuls too where the float32 matmul precision allows it. Process-wide flags;
+    no effect on a CPU."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
 
 
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
@@ -81,9 +94,13 @@ class CompiledNet:
     def __call__(self, x: torch.Tensor, policy: torch.Tensor | None = None) -> torch.Tensor:
         return self._forward(x) if policy is None else self.module(x, policy)
 
-    def forward_masked(self, x: torch.Tensor, policy: torch.Tensor) -> torch.Tensor:
+    def forward_masked(self, x: torch.Tensor, policy: torch.Tensor, skip_unused: bool = False) -> torch.Tensor:
         if self._masked is None:
             raise AttributeError(f"{type(self.module).__name__} has no forward_masked")
+        # A batch that leaves a block unused (rare at training batch sizes) runs eagerly with the skip; the
+        # compiled graph stays the one for every block, so the skip neither breaks nor multiplies graphs.
+        if skip_unused and not bool((policy > 0.5).any(0).all()):
+            return self.module.forward_masked(x, policy, skip_unused=True)
         return self._masked(x, policy)
 
     def __getattr__(self, name: str) -> Any:  # only reached for names not defined above

@@ -9,7 +9,7 @@ import torch
 from blockdrop import stage
 from blockdrop.models import build_policy, load_backbone, save_policy
 from blockdrop.train.context import TrainContext
-from blockdrop.train.curriculum import train_curriculum
+from blockdrop.train.curriculum import KeptPolicy, train_curriculum
 
 BACKBONE = Path("models/backbone.pt")
 POLICY = Path("models/policy_cl.pt")
@@ -25,17 +25,22 @@ def main() -> None:
         policy_net = build_policy(backbone, meta.shape[0], p.model)  # ImageNet: ResNet-10 from ResNet-18's weights
         policy_net = policy_net.to(ctx.device, memory_format=torch.channels_last)
         with stage.tracked_run(ctx, meta.data_sha256) as run:
+            kept = KeptPolicy()
             history = train_curriculum(backbone, policy_net, data["train"], data["val"], normalize, p.curriculum,
-                                       TrainContext.for_stage(ctx, run))
+                                       TrainContext.for_stage(ctx, run), kept)
             if not ctx.dist.is_main:
                 return  # rank 0 alone scores the model and writes the outputs
-            last = history[-1]
+            keep = p.curriculum.keep_epoch
+            last = history[keep - 1] if keep else history[-1]  # the epoch whose policy finetuning starts from
             metrics = {
                 "val": {"accuracy": last["val/accuracy"], "blocks_mean": last["val/blocks_mean"],
                         "reward": last["val/reward"]},
                 "train": {"reward": last["train/reward"], "epochs": len(history),
                           "unlocked_blocks": last["unlocked_blocks"]},
             }
+            if keep:
+                metrics["train"]["kept_epoch"] = keep
+                policy_net.load_state_dict(kept.weights)
             save_policy(policy_net.cpu(), POLICY)
             stage.publish(run, REPORTS, history, metrics, [POLICY])
             ctx.clear_state()

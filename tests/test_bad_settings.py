@@ -89,6 +89,8 @@ SCHEMA_CASES = [
     ("pretrain: {warmup_epochs: 4.5}", "pretrain.warmup_epochs"),
     ("curriculum: {beta: -0.1}", "curriculum.beta"),
     ("curriculum: {penalty: .nan}", "curriculum.penalty"),
+    ("curriculum: {entropy: shannon}", "curriculum.entropy"),
+    ("curriculum: {keep_epoch: 9}", "curriculum.keep_epoch"),  # never reached in the tiny profile's 3 epochs
     ("finetune: {images_per_epoch: 0}", "finetune.images_per_epoch"),
     ("finetune: {alpha: .inf}", "finetune.alpha"),
     ("evaluate: {latency_threads: -1}", "evaluate.latency_threads"),

@@ -41,6 +41,8 @@ CIFAR10_R32 = {
     "curriculum.epochs": 10000, "curriculum.images_per_epoch": 45000, "curriculum.batch_size": 256,
     "curriculum.lr": 1e-3, "curriculum.alpha": 0.8, "curriculum.beta": 0.1, "curriculum.penalty": 1.0,
     "curriculum.crop_padding": 4, "curriculum.flip": True, "curriculum.val_images": 0, "curriculum.unlock_every": 0,
+    # cl_training.py's entropy term: -p' log p' over all K blocks; the README names no checkpoint: the last epoch
+    "curriculum.entropy": "authors", "curriculum.keep_epoch": 0,
     # finetune.py's defaults: Adam lr 1e-4 over both nets, batch 256, gamma 5, 2000 epochs, x0.1 at 1600,
     # the policy-gradient term summed over the batch, the dense masked forward, no extra loss
     "finetune.epochs": 2000, "finetune.images_per_epoch": 45000, "finetune.batch_size": 256, "finetune.lr": 1e-4,
@@ -51,7 +53,8 @@ CIFAR10_R32 = {
 CIFAR100_R32 = {**CIFAR10_R32, "data.source": "cifar100"}
 # ResNet-110: He et al. warm up at lr 0.01 for about an epoch
 CIFAR100_R110 = {**CIFAR100_R32, "model.depth": 110, "pretrain.warmup_epochs": 1.0}
-# The README's R110_C10 commands: curriculum batch 2048 for 5000 epochs; finetune gamma 10
+# The README's R110_C10 commands: curriculum batch 2048 for 5000 epochs; finetune gamma 10, from ckpt_E_5300,
+# past the 5000 epochs: the last epoch (keep_epoch 0)
 CIFAR10_R110 = {**CIFAR10_R32, "model.depth": 110, "pretrain.warmup_epochs": 1.0, "curriculum.epochs": 5000,
                 "curriculum.batch_size": 2048, "finetune.penalty": 10.0}
 # The README's R101_ImgNet commands: curriculum batch 2048 for 45 epochs; finetune gamma 5, batch 320, 10 epochs
@@ -66,6 +69,8 @@ IMAGENET_R101 = {
     "curriculum.epochs": 45, "curriculum.images_per_epoch": 1271167, "curriculum.batch_size": 2048,
     "curriculum.lr": 1e-3, "curriculum.alpha": 0.8, "curriculum.beta": 0.1, "curriculum.penalty": 1.0,
     "curriculum.crop_padding": 0, "curriculum.flip": True, "curriculum.val_images": 0, "curriculum.unlock_every": 0,
+    # the README finetunes from ckpt_E_4 (0-based): the policy after 5 epochs
+    "curriculum.entropy": "authors", "curriculum.keep_epoch": 5,
     "finetune.epochs": 10, "finetune.images_per_epoch": 1271167, "finetune.batch_size": 320, "finetune.lr": 1e-4,
     "finetune.backbone_lr": 0.0, "finetune.alpha": 0.8, "finetune.penalty": 5.0, "finetune.pg_reduction": "sum",
     "finetune.execution": "masked", "finetune.greedy_ce": 0.0, "finetune.lr_decay_epoch": 0,
@@ -79,7 +84,8 @@ CIFAR10_R110_FAST = {**CIFAR10_R110, "precision": "bf16", "compile": True, "pret
                      "finetune.lr_decay_epoch": 320}
 IMAGENET_R101_FAST = {**IMAGENET_R101, "precision": "bf16", "compile": True, "data.val_size": 5000,
                       "curriculum.epochs": 30, "curriculum.images_per_epoch": 200000, "curriculum.unlock_every": 40,
-                      "curriculum.val_images": 2000, "finetune.epochs": 6, "finetune.images_per_epoch": 640000}
+                      "curriculum.val_images": 2000, "curriculum.keep_epoch": 0, "finetune.epochs": 6,
+                      "finetune.images_per_epoch": 640000}
 
 TABLES = {
     "cifar10-resnet32": CIFAR10_R32, "cifar10-resnet110": CIFAR10_R110, "cifar100-resnet32": CIFAR100_R32,

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from blockdrop.rl import (
+    authors_entropy,
     bernoulli_entropy,
     bound_probs,
     curriculum_mask,
@@ -115,6 +116,25 @@ def test_policy_gradient_loss_entropy_term() -> None:
     full = policy_gradient_loss(PROBS, ACTIONS, ADVANTAGE, beta=0.1)
     entropy_all = (h(0.8) + h(0.4) + h(0.3) + h(0.6)) / 2
     assert full.item() == pytest.approx(sum(per_image()) / 2 - 0.1 * entropy_all, rel=1e-5)
+
+
+def test_authors_entropy_is_minus_p_log_p_peaking_at_1_over_e() -> None:
+    h = authors_entropy(torch.tensor([0.5, 0.2, 0.0, 1.0, math.exp(-1)]))
+    assert h[0].item() == pytest.approx(0.5 * math.log(2))
+    assert h[1].item() == pytest.approx(-0.2 * math.log(0.2))
+    assert h[2].item() == pytest.approx(0.0, abs=1e-12) and h[3].item() == pytest.approx(0.0, abs=1e-6)
+    grid = torch.linspace(0.01, 0.99, 981)
+    assert grid[authors_entropy(grid).argmax()].item() == pytest.approx(math.exp(-1), abs=1e-3)
+
+
+def test_policy_gradient_loss_authors_entropy_is_cl_trainings_loss() -> None:
+    # cl_training.py: loss = (sum over images and learnable blocks of -A log pi  -  beta * sum over images and
+    # ALL blocks of -p' log p') / batch size
+    learnable = torch.tensor([False, True])
+    hp = lambda p: -p * math.log(p)  # noqa: E731
+    theirs = (sum(per_image((0, 1))) - 0.1 * (hp(0.8) + hp(0.4) + hp(0.3) + hp(0.6))) / 2
+    ours = policy_gradient_loss(PROBS, ACTIONS, ADVANTAGE, learnable=learnable, beta=0.1, entropy="authors")
+    assert ours.item() == pytest.approx(theirs, rel=1e-6)
 
 
 def test_policy_gradient_loss_detaches_the_advantage() -> None:

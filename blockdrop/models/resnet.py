@@ -11,6 +11,7 @@ block in ``shortcuts`` (identity, or whatever downsamples at a stage's first blo
   gradients reach exactly the blocks each image kept.
 * ``forward_masked(x, policy)``: the paper's dense formula for the same thing: every block runs on every
   image and a dropped block's output is multiplied by 0. It saves no time; stochastic depth uses it.
+  ``skip_unused=True`` adds the authors' batch-wide skip: a block no image keeps is not run.
 * ``forward_skipping(x, actions)``: *real* skipping for a batch that shares one policy (batch size 1 at
   inference): a dropped block is never computed, which is where BlockDrop's speedup comes from.
 
@@ -126,12 +127,21 @@ class BlockResNet(nn.Module):
             x = residual
         return self.head(x)
 
-    def forward_masked(self, x: torch.Tensor, policy: torch.Tensor) -> torch.Tensor:
+    def forward_masked(self, x: torch.Tensor, policy: torch.Tensor, skip_unused: bool = False) -> torch.Tensor:
         """The dense masked formula, every block on every image: the paper's training form, and the
-        reference ``forward`` must match in eval mode."""
+        reference ``forward`` must match in eval mode.
+
+        ``skip_unused``: a block that no image of the batch keeps is not run at all, as in the authors'
+        ``FlatResNet.forward``: the logits are the same, but its BatchNorm running statistics are not updated
+        and its weights get no gradient (``finetune.execution: masked``)."""
         x = self.stem(x)
+        # one device-to-host copy for the whole forward, not one per block
+        unused = (~(policy > 0.5).any(0)).tolist() if skip_unused else [False] * len(self.blocks)
         for t, (block, shortcut) in enumerate(zip(self.blocks, self.shortcuts, strict=True)):
             residual = shortcut(x)
+            if unused[t]:
+                x = residual
+                continue
             a = policy[:, t].to(x.dtype).view(-1, 1, 1, 1)
             x = F.relu(residual + block(x)) * a + residual * (1 - a)
         return self.head(x)

@@ -11,7 +11,9 @@ the stage's time before the policy may touch the first blocks.
 
 from __future__ import annotations
 
+import copy
 import logging
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -27,7 +29,7 @@ from blockdrop.train.context import TrainContext
 from blockdrop.train.guard import check_step, check_weights
 from blockdrop.train.rollout import rollout
 
-__all__ = ["learnable_blocks", "train_curriculum"]
+__all__ = ["KeptPolicy", "learnable_blocks", "train_curriculum"]
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,23 @@ def learnable_blocks(epoch: int, step: int, steps_per_epoch: int, num_blocks: in
     return rl.curriculum_mask((epoch * steps_per_epoch + step) // unlock_every, num_blocks)
 
 
+class KeptPolicy:
+    """The policy's weights as they were after ``curriculum.keep_epoch``: what ``models/policy_cl.pt`` holds and
+    finetuning starts from. A part of the resume state, so a run resumed after that epoch still has it."""
+
+    def __init__(self) -> None:
+        self.weights: dict[str, Any] | None = None
+
+    def keep(self, policy_net: torch.nn.Module) -> None:
+        self.weights = copy.deepcopy(policy_net.state_dict())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"weights": self.weights}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.weights = state["weights"]
+
+
 def train_curriculum(
     backbone: BlockResNet,
     policy_net: PolicyNet,
@@ -49,8 +68,12 @@ def train_curriculum(
     normalize: Normalize,
     cfg: Curriculum,
     loop: TrainContext,
+    kept: KeptPolicy | None = None,
 ) -> list[dict[str, float]]:
     """Train ``policy_net`` in place; return one history row per epoch.
+
+    ``kept`` (with ``cfg.keep_epoch`` > 0): receives the policy's weights after that epoch, and travels in the
+    resume state (the default, without it, leaves the resume state as it was).
 
     ``loop.compile_model``: the training forwards run through ``torch.compile``; the networks passed in keep
     the weights. ``loop.dist``: rank 0 alone validates, saves the resume state and calls
@@ -62,6 +85,8 @@ def train_curriculum(
     policy_net = sync_batchnorm(dist, policy_net, loop.sync_bn)
     optimizer = torch.optim.Adam(policy_net.parameters(), lr=cfg.lr)
     parts = {"policy": policy_net, "optimizer": optimizer}
+    if kept is not None and cfg.keep_epoch:
+        parts["kept"] = kept
     start, history = loop.resume(parts)  # calls loop.on_resume when it continues a killed run
     num_blocks = backbone.num_blocks
     steps = dist.steps(min(cfg.images_per_epoch, len(train)), cfg.batch_size)
@@ -85,7 +110,8 @@ def train_curriculum(
                                            leave=False, mininterval=5, disable=not dist.is_main), 1):
             learnable = learnable_blocks(epoch, step - 1, steps, num_blocks, cfg.unlock_every)
             r = step_rollout(x, y, learnable)
-            loss = rl.policy_gradient_loss(r.bounded, r.actions, r.advantage, learnable, beta=cfg.beta)
+            loss = rl.policy_gradient_loss(r.bounded, r.actions, r.advantage, learnable, beta=cfg.beta,
+                                           entropy=cfg.entropy)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             check_step(loss, policy_net.parameters(), epoch + 1, step)
@@ -117,5 +143,7 @@ def train_curriculum(
                  "val acc %.4f blocks %.2f", epoch + 1, cfg.epochs, row["unlocked_blocks"], num_blocks,
                  row["train/reward"], row["train/accuracy"], row["train/blocks"], row["val/accuracy"],
                  row["val/blocks_mean"])
+        if "kept" in parts and epoch + 1 == cfg.keep_epoch:
+            kept.keep(policy_net)
         loop.epoch_done(epoch + 1, parts, history)
     return history

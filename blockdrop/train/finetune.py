@@ -75,11 +75,14 @@ def finetune_jointly(
     steps = dist.steps(min(cfg.images_per_epoch, len(train)), cfg.batch_size)
     backbone_fwd, policy_fwd = compiled(backbone, loop.compile_model), compiled(policy_net, loop.compile_model)
     # One step (the policy, then the backbone under the sampled and the greedy actions) as one DDP forward; the
-    # sparse forward leaves the blocks no image of a rank kept without a gradient there.
+    # sparse forward leaves the blocks no image of a rank kept without a gradient there. The masked forward
+    # skips a block no image of the batch keeps (the authors' batch-wide skip) with one process only: under
+    # DDP and synchronised BatchNorm every rank must run every layer of it.
     step_rollout = data_parallel(dist, lambda x, y: rollout(
         backbone_fwd, policy_fwd, x, y, alpha=cfg.alpha, penalty=cfg.penalty, learnable=all_blocks,
         generator=generator, precision=precision, backbone_grad=True, greedy_grad=cfg.greedy_ce > 0,
-        masked=masked, dist=dist), [policy_net, backbone], skips_blocks=not masked)
+        masked=masked, skip_unused=masked and not dist.enabled, dist=dist), [policy_net, backbone],
+        skips_blocks=not masked)
 
     for epoch in range(start, cfg.epochs):
         for group, base in zip(optimizer.param_groups, base_lrs, strict=True):

@@ -7,6 +7,7 @@ reinforced only when it beats what the policy would do greedily on the same imag
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +50,7 @@ def rollout(
     backbone_grad: bool = False,
     greedy_grad: bool = False,
     masked: bool = False,
+    skip_unused: bool = False,
     dist: Dist = SINGLE,
 ) -> Rollout:
     """Sample actions from the policy on ``x`` and score both them and the greedy actions on ``y``.
@@ -58,6 +60,7 @@ def rollout(
     instead of the sparse forward (they differ only in train mode, in what the kept blocks' BatchNorm
     sees). Both policies are always scored by the same forward, as in the authors' code: the advantage
     must measure the policies' difference, not a difference between two ways of running the backbone.
+    ``skip_unused`` (with ``masked``): a block no image of the batch keeps is not run, as the authors' forward.
     ``dist``: ``x`` is this rank's part of a global batch; the samples are drawn for the whole of it.
     """
     with autocast(precision, x.device):
@@ -65,7 +68,9 @@ def rollout(
     bounded = rl.bound_probs(probs, alpha)
     actions = rl.force_on(rl.sample_actions(bounded.detach(), generator, dist), learnable)
     greedy = rl.force_on(rl.greedy_actions(probs.detach()), learnable)
-    run = backbone.forward_masked if masked else backbone
+    run = backbone
+    if masked:  # a test double's forward_masked need not take skip_unused: pass it only when asked
+        run = functools.partial(backbone.forward_masked, skip_unused=True) if skip_unused else backbone.forward_masked
     with torch.set_grad_enabled(backbone_grad), autocast(precision, x.device):
         logits = run(x, actions).float()
     with torch.set_grad_enabled(greedy_grad), autocast(precision, x.device):
