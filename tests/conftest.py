@@ -63,15 +63,15 @@ def isolated_env():
 
 @pytest.fixture(scope="session")
 def tiny_reproduced(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:
-    """A copy of the project on the tiny profile shrunk by ``SHRUNK_TINY``, reproduced once per test run
-    (``dvc repro``, about 75 s here) and not committed. Tests copy it with ``tinyrepo.copy_reproduced``; none
-    changes it. Under pytest-xdist the workers share one build: the first to take the lock builds it in the
-    run's base folder, the others wait for it and reuse it."""
+    """A copy of the project on the tiny profile, reproduced once per test run (``dvc repro``, about two
+    minutes here) and not committed. Tests copy it with ``tinyrepo.copy_reproduced``; none changes it. Under
+    pytest-xdist the workers share one build: the first to take the lock builds it in the run's base folder, the
+    others wait for it and reuse it."""
     import subprocess
     import sys
 
     from filelock import FileLock
-    from tinyrepo import SHRUNK_TINY, make_tiny_repo
+    from tinyrepo import make_tiny_repo
 
     base = tmp_path_factory.getbasetemp()
     shared = base.parent if worker_id != "master" else base  # xdist gives each worker a folder inside the run's
@@ -79,7 +79,7 @@ def tiny_reproduced(tmp_path_factory: pytest.TempPathFactory, worker_id: str) ->
     with FileLock(str(shared / "tiny-reproduced.lock")):
         if done.exists():
             return root
-        make_tiny_repo(root, overrides=SHRUNK_TINY)
+        make_tiny_repo(root)
         env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", tracking.PARENT_ENV,
                                                                "DVC_EXP_NAME", "DVC_ROOT", "BLOCKDROP_ROOT")}
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"

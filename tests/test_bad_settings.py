@@ -152,6 +152,7 @@ def named_keys(line: str) -> list[str]:
     return line.removeprefix(PREFIX).split(": ")[0].split(", ")
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(("name", "snippet", "key"), STAGE_CASES)
 def test_stage_refuses_bad_setting_before_any_work(repo: Path, name: str, snippet: str, key: str) -> None:
     text = (repo / "params.yaml").read_text()
@@ -171,6 +172,7 @@ def test_stage_refuses_bad_setting_before_any_work(repo: Path, name: str, snippe
     assert snapshot(repo) == before, f"{name} wrote or changed files"
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("cron", ["61 * * * *", "every monday"])
 @pytest.mark.parametrize("command", CRON_COMMANDS)
 def test_schedule_and_deploy_refuse_a_cron_prefect_refuses_before_any_work(repo: Path, tmp_path: Path, command: str,

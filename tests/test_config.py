@@ -251,6 +251,7 @@ def test_params_sha256_depends_only_on_selected_keys() -> None:
     assert len(params_sha256(a)) == 64
 
 
+@pytest.mark.e2e
 def test_prepare_stage_refuses_bad_params_before_writing(tmp_path: Path) -> None:
     raw = repo_params()
     raw["data"]["val_size"] = -5

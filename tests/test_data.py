@@ -529,6 +529,7 @@ def one_error_line(proc: subprocess.CompletedProcess, stage: str) -> str:
     return errors[0]
 
 
+@pytest.mark.e2e
 def test_stages_refuse_raw_and_prepared_files_that_fail_their_checksums(tmp_path: Path) -> None:
     root = make_tiny_repo(tmp_path / "repo", overrides={"data": {"verify_checksums": True}})
     line = one_error_line(run_stage(root, "prepare"), "prepare")  # the fake idx files are not Zalando's

@@ -31,6 +31,8 @@ from tinyrepo import REPO, copy_reproduced, tiny_params
 from blockdrop import tracking
 from orchestration.prefect_server import api_url, local_server
 
+pytestmark = pytest.mark.e2e  # runs stages, servers or other processes: `make test`, not `make test-fast`
+
 POOL = "blockdrop"
 DEPLOYMENT = "pool"
 ENTRYPOINTS = {"blockdrop-pipeline": "orchestration/flows.py:pipeline_flow",

@@ -112,6 +112,7 @@ def test_one_process_trains_without_a_wrapper_and_uneven_batches_are_refused() -
         Dist(0, 2).rows(7)
 
 
+@pytest.mark.e2e
 def test_epoch_sums_and_the_resume_check_over_a_real_gloo_group(tmp_path: Path) -> None:
     queue = mp.get_context("spawn").SimpleQueue()
     mp.spawn(in_group, args=(2, f"file://{tmp_path / 'rendezvous'}", queue), nprocs=2)
@@ -168,6 +169,7 @@ def _runs(root: Path) -> list:
                               order_by=["attributes.start_time ASC"])
 
 
+@pytest.mark.e2e
 def test_pretrain_on_two_gloo_processes_writes_one_set_of_outputs_and_resumes_after_a_kill(tmp_path: Path) -> None:
     root = make_tiny_repo(tmp_path / "repo", OVERRIDES)
     _run(root, [sys.executable, "-m", "pipelines.prepare"])

@@ -117,6 +117,7 @@ def dep_paths(stage: dict) -> list[str]:
     return [next(iter(d)) if isinstance(d, dict) else d for d in stage.get("deps", [])]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("name", sorted(stages()))
 def test_every_module_a_stage_runs_is_a_dep(name: str) -> None:
     stage = stages()[name]
@@ -168,6 +169,7 @@ def placeholder_outputs(root: Path) -> None:
                 (path / "placeholder.txt").write_text("placeholder\n")
 
 
+@pytest.mark.e2e
 def test_editing_a_library_file_marks_exactly_its_importers_changed(tmp_path: Path) -> None:
     root = make_tiny_repo(tmp_path / "repo")
     placeholder_outputs(root)

@@ -29,6 +29,8 @@ from mlflow import MlflowClient
 from blockdrop.config import flatten
 from blockdrop.lineage import upstream_param_keys
 
+pytestmark = pytest.mark.e2e  # runs stages, servers or other processes: `make test`, not `make test-fast`
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -398,7 +400,7 @@ def retrain_runs(flows, tmp_path_factory, isolated_env):
     import numpy as np
     import pandas as pd
     import torch
-    from tinyrepo import make_tiny_repo
+    from tinyrepo import SHRUNK_TINY, make_tiny_repo, merge
 
     from blockdrop import serving, tracking
     from blockdrop.config import load_params
@@ -406,7 +408,9 @@ def retrain_runs(flows, tmp_path_factory, isolated_env):
     from blockdrop.models import save_blockdrop
     from blockdrop.promotion import load_version
 
-    root = make_tiny_repo(tmp_path_factory.mktemp("tiny") / "repo", overrides={"flow": {"retries": 0}})
+    # One epoch per training stage (SHRUNK_TINY): the model only has to beat a constant answer.
+    root = make_tiny_repo(tmp_path_factory.mktemp("tiny") / "repo",
+                          overrides=merge(SHRUNK_TINY, {"flow": {"retries": 0}}))
     project = Project(root)
     project.enter(isolated_env)
     first = flows.retrain_flow()

@@ -88,6 +88,7 @@ def same(a: list, b: list) -> bool:
 # prepare
 
 
+@pytest.mark.e2e
 def test_prepare_stage_writes_indexes_and_meta(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     crops = {"crop_padding": 0}
     root = make_tiny_repo(tmp_path / "repo", overrides={

@@ -20,6 +20,8 @@ from fakeweights import write_torchvision_weights
 from test_pipeline_e2e import dvc
 from tinyrepo import make_tiny_repo
 
+pytestmark = pytest.mark.e2e  # runs stages, servers or other processes: `make test`, not `make test-fast`
+
 IMAGE_SIZE, RESIZE, CLASSES = 64, 72, 4
 
 

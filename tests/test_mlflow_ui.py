@@ -22,10 +22,10 @@ REPO = Path(__file__).resolve().parents[1]
 STAGES = ("prepare", "pretrain", "curriculum", "finetune", "evaluate")
 READERS = STAGES[1:]  # the stages that read data/prepared (prepare writes it)
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.e2e, pytest.mark.skipif(
     shutil.which("chromium") is None or not Path("/usr/bin/chromedriver").exists(),
     reason="headless browser missing: `make browser` (apt-get install chromium chromium-driver) to run it",
-)
+)]
 
 
 def _free_port() -> int:

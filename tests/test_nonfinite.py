@@ -22,6 +22,8 @@ from tinyrepo import make_tiny_repo, merge
 from blockdrop import stage, tracking
 from blockdrop.train.guard import NonFiniteError, check_step, check_weights
 
+pytestmark = pytest.mark.e2e  # runs stages, servers or other processes: `make test`, not `make test-fast`
+
 
 def tiny_net() -> torch.nn.Module:
     torch.manual_seed(0)

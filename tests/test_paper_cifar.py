@@ -26,6 +26,8 @@ import yaml
 from fakedata import cifar_batch, cifar_meta, md5, tar_gz
 from tinyrepo import make_tiny_repo
 
+pytestmark = pytest.mark.e2e  # runs stages, servers or other processes: `make test`, not `make test-fast`
+
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 TRAIN_FILES, PER_FILE, TEST = 5, 120, 200  # 600 training images (as five data_batch files), 200 test
 

@@ -1,4 +1,5 @@
-"""`dvc repro` of the whole pipeline on the tiny profile, in a throwaway copy of the repository."""
+"""`dvc repro` of the whole pipeline on the tiny profile, in a throwaway copy of the repository (the session's
+``tiny_reproduced``, copied)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from tinyrepo import make_tiny_repo
+from tinyrepo import copy_reproduced
 
 from blockdrop.config import load_params
+
+pytestmark = pytest.mark.e2e  # runs stages, servers or other processes: `make test`, not `make test-fast`
 
 VARIANT_KEYS = {"accuracy", "blocks_mean", "blocks_std", "block_fraction", "flops_mean", "flops_std"}
 
@@ -32,10 +35,9 @@ def dvc(root: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def repro(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = make_tiny_repo(tmp_path_factory.mktemp("e2e") / "repo")
-    dvc(root, "repro")
-    return root
+def repro(tiny_reproduced: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session's tiny project after its ``dvc repro``, copied: these tests rerun DVC and write plots in it."""
+    return copy_reproduced(tiny_reproduced, tmp_path_factory.mktemp("e2e") / "repo")
 
 
 def read(root: Path, path: str) -> dict:

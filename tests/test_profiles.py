@@ -189,6 +189,7 @@ def test_fast_profile_unlocks_every_block_within_its_curriculum(fast: str) -> No
     assert p.precision == "bf16" and p.compile and p.finetune.execution == "masked"  # what compile needs
 
 
+@pytest.mark.e2e
 def test_paper_profiles_apply_with_the_profile_command(tmp_path: Path) -> None:
     for name in TABLES:
         params = tmp_path / f"{name}.yaml"
@@ -202,6 +203,7 @@ def test_paper_profiles_apply_with_the_profile_command(tmp_path: Path) -> None:
 # --- bench/gpu_paper.py -------------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_gpu_bench_smoke_prints_rates_and_a_projection() -> None:
     proc = subprocess.run([sys.executable, "bench/gpu_paper.py", "--smoke"], cwd=REPO, capture_output=True,
                           text=True, timeout=120)

@@ -19,6 +19,8 @@ import pytest
 from mlflow import MlflowClient
 from tinyrepo import copy_reproduced
 
+pytestmark = pytest.mark.e2e  # runs stages, servers or other processes: `make test`, not `make test-fast`
+
 PENALTIES = (1.0, 2.0, 3.0)
 STATES = {"Queued", "Running", "Success", "Failed"}  # the Status column of `dvc queue status`
 

@@ -331,6 +331,7 @@ def _runs(root: Path, stage: str) -> list:
                               order_by=["attributes.start_time ASC"])
 
 
+@pytest.mark.e2e
 def test_sigkill_in_each_training_stage_then_rerun_matches_an_unbroken_run(tmp_path: Path) -> None:
     seed = int(os.environ.get("BLOCKDROP_KILL_SEED", random.randrange(1 << 16)))
     print(f"kill seed {seed} (replay: BLOCKDROP_KILL_SEED={seed})")

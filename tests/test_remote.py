@@ -26,6 +26,8 @@ from tinyrepo import copy_reproduced
 
 from blockdrop import tracking
 
+pytestmark = pytest.mark.e2e  # runs stages, servers or other processes: `make test`, not `make test-fast`
+
 SSHD = Path("/usr/sbin/sshd")
 GIT_ID = ["-c", "user.name=remote-test", "-c", "user.email=remote-test@localhost"]
 

@@ -29,6 +29,8 @@ from tinyrepo import tiny_params
 from blockdrop import serving, tracking
 from blockdrop.flops import FlopTable
 
+pytestmark = pytest.mark.e2e  # runs stages, servers or other processes: `make test`, not `make test-fast`
+
 # Runs in a fresh interpreter: forget the repository, prove blockdrop is gone, then load and predict.
 PROBE = r"""
 import importlib.util, json, sys

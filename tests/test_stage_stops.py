@@ -17,6 +17,8 @@ from mlflow import MlflowClient
 from blockdrop import supervision
 from blockdrop.tracking.stops import StageStopped, exit_code, sigterm_raises
 
+pytestmark = pytest.mark.e2e  # runs stages, servers or other processes: `make test`, not `make test-fast`
+
 REPO = Path(__file__).resolve().parents[1]
 
 # A stage in miniature: opens its run, says so, then works until it is stopped. The signals get the disposition

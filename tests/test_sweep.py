@@ -22,6 +22,8 @@ import yaml
 from mlflow import MlflowClient
 from tinyrepo import copy_reproduced
 
+pytestmark = pytest.mark.e2e  # runs stages, servers or other processes: `make test`, not `make test-fast`
+
 SWEEP = {"workers": 2, "retries": 1, "grid": {"finetune.penalty": [1.0, 2.0]}}
 NAMES = ("sweep-penalty-1", "sweep-penalty-2")
 
@@ -134,15 +136,16 @@ def test_second_run_of_the_same_sweep_is_a_no_op(swept) -> None:
 
 
 def test_a_failing_setting_is_retried_reported_and_stops_nothing_else(swept) -> None:
-    """data.train_limit above the images there is passes params validation and fails ``prepare`` (exit 2)."""
+    """A 32x32 crop passes params validation and fails ``pretrain`` against the 28x28 images (exit 2). The
+    failing stage reads only what DVC restores in the queue's workspace (the prepared splits), not raw data."""
     from orchestration import sweep
 
     root = swept[0]
-    result = sweep.sweep_flow(grid={"data.train_limit": [512, 100_000]})
-    ok, bad = "sweep-train_limit-512", "sweep-train_limit-100000"
+    result = sweep.sweep_flow(grid={"pretrain.crop_size": [20, 32]})
+    ok, bad = "sweep-crop_size-20", "sweep-crop_size-32"
     assert result["results"][ok]["status"] == "Success"
     assert result["results"][bad]["status"] == "Failed" and result["results"][bad]["attempts"] == 2
-    assert result["failed"] == [bad] and "data.train_limit" in result["results"][bad]["log"]
+    assert result["failed"] == [bad] and "pretrain.crop_size" in result["results"][bad]["log"]
     table = pd.read_csv(root / "reports" / "sweep" / "settings.csv")
     assert table["experiments"].tolist() == [ok]
 

@@ -41,7 +41,7 @@ def _postgres_missing() -> str | None:
     return None
 
 
-pytestmark = pytest.mark.skipif(_postgres_missing() is not None, reason=str(_postgres_missing()))
+pytestmark = [pytest.mark.e2e, pytest.mark.skipif(_postgres_missing() is not None, reason=str(_postgres_missing()))]
 
 
 def free_ports(n: int) -> list[int]:

@@ -35,7 +35,8 @@ FALLBACK_TINY = {
 }
 
 
-# One epoch per training stage: for the tests about orchestration (DVC's queue, the sweep), not accuracy.
+# One epoch per training stage: for a test about orchestration (the retrain flow), where the model only has to
+# beat a constant answer.
 SHRUNK_TINY = {"pretrain": {"epochs": 1}, "curriculum": {"epochs": 1}, "evaluate": {"latency_images": 4}}
 
 
