@@ -21,7 +21,8 @@ help:  ## list the targets
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@# --no-compile: Python compiles a module when it is first imported; compiling all of torch up front is ~50 s.
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-compile -e '.[dev]'
 	rm -f $(VENV)/.installed-* && touch $@
 
 install: $(STAMP)  ## create .venv and install the pinned stack
@@ -36,8 +37,8 @@ data:  ## make Fashion-MNIST available offline (Debian's dataset-fashion-mnist) 
 repro: install data  ## reproduce the whole pipeline (dvc repro)
 	dvc repro
 
-# Two pytest workers: most of the suite's time is spent starting processes (stages, dvc, servers), which one
-# core cannot overlap. `--dist loadfile` keeps a file's tests (and its module fixtures) on one worker.
+# Two pytest workers, one per core: most of the suite's time goes to starting processes (stages, dvc, servers)
+# that keep one core busy at a time. `--dist loadfile` keeps a file's tests (and its module fixtures) on one worker.
 test: install browser sshd postgres  ## the whole suite, unit and end-to-end tiers (slow tests excluded)
 	pytest -q -m "not slow" -n 2 --dist loadfile --durations=15
 

@@ -1,16 +1,16 @@
 """Every bad setting is refused before any work: exit 2, one line naming the dotted key, nothing written.
 
 One tiny repo copy is prepared once (so the checks against the data's shape have a ``meta.json``); each case
-writes its params.yaml, runs the stage that reads the setting as DVC would (``python -m pipelines.<stage>``),
-restores params.yaml and compares every file under data/, models/, reports/, checkpoints/ and the MLflow
-store with the snapshot taken before. Settings a schema alone refuses also run in-process through
-``load_params`` (the same code path, without a 3-4 s interpreter start each), so the table stays cheap.
-``flow.cron`` is refused the same way by the commands that read it (``make schedule``, ``make deploy``).
+writes its params.yaml, runs the stage that reads the setting as DVC would (``python -m pipelines.<stage>``, in
+a fork of one interpreter that has imported torch and mlflow once: ``stagefork.py``), restores params.yaml and
+compares every file under data/, models/, reports/, checkpoints/ and the MLflow store with the snapshot taken
+before. Settings a schema alone refuses also run in-process through ``load_params`` (the same code path,
+without an interpreter each), so the table stays cheap. The cron cases start real processes.
 """
 
 from __future__ import annotations
 
-import hashlib
+import json
 import os
 import socket
 import subprocess
@@ -20,13 +20,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from stagefork import snapshot
 from tinyrepo import REPO, make_tiny_repo, merge
 
 from blockdrop import tracking
 from blockdrop.config import ParamsError, load_params
 
 PREFIX = "error: invalid params in params.yaml: "
-WATCHED = ("data", "models", "reports", "checkpoints", "mlartifacts")
 no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a visible GPU")
 
 # (stage that reads it, YAML merged over the tiny profile's params.yaml, a dotted key the line must name).
@@ -128,14 +128,6 @@ def stage_env(root: Path) -> dict[str, str]:
     return env | {"BLOCKDROP_ROOT": str(root), "MLFLOW_DISABLE_TELEMETRY": "true"}
 
 
-def snapshot(root: Path) -> dict[str, tuple[int, int, str]]:
-    """Every file a stage could write: path -> (size, mtime_ns, sha256)."""
-    files = [p for top in WATCHED for p in (root / top).rglob("*") if p.is_file()]
-    files += list(root.glob("mlflow.db*"))
-    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns,
-                                       hashlib.sha256(p.read_bytes()).hexdigest()) for p in files}
-
-
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = make_tiny_repo(tmp_path_factory.mktemp("bad_settings"))
@@ -152,24 +144,43 @@ def named_keys(line: str) -> list[str]:
     return line.removeprefix(PREFIX).split(": ")[0].split(", ")
 
 
+def case_values(case) -> tuple[str, str, str]:
+    return case.values if hasattr(case, "values") else case
+
+
+def case_skipped(case) -> bool:
+    return any(m.name == "skipif" and m.args and m.args[0] for m in getattr(case, "marks", ()))
+
+
+@pytest.fixture(scope="module")
+def refusals(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], dict]:
+    """Every stage case run once, each in its own fork (``stagefork.py``): (stage, snippet) -> its result."""
+    text = (repo / "params.yaml").read_text()
+    cases = [case_values(c) for c in STAGE_CASES if not case_skipped(c)]
+    work = tmp_path_factory.mktemp("refusals")
+    (work / "cases.json").write_text(json.dumps([
+        {"stage": name, "params": yaml.safe_dump(merge(yaml.safe_load(text), yaml.safe_load(snippet)))}
+        for name, snippet, _ in cases]))
+    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("stagefork.py")), str(work / "cases.json"),
+                           str(work / "out.json")], cwd=repo, env=stage_env(repo), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (repo / "params.yaml").read_text() == text
+    results = json.loads((work / "out.json").read_text())
+    return {(name, snippet): result for (name, snippet, _), result in zip(cases, results, strict=True)}
+
+
 @pytest.mark.e2e
 @pytest.mark.parametrize(("name", "snippet", "key"), STAGE_CASES)
-def test_stage_refuses_bad_setting_before_any_work(repo: Path, name: str, snippet: str, key: str) -> None:
-    text = (repo / "params.yaml").read_text()
-    before = snapshot(repo)
-    (repo / "params.yaml").write_text(yaml.safe_dump(merge(yaml.safe_load(text), yaml.safe_load(snippet))))
-    try:
-        proc = subprocess.run([sys.executable, "-m", f"pipelines.{name}"], cwd=repo, env=stage_env(repo),
-                              capture_output=True, text=True, timeout=300)
-    finally:
-        (repo / "params.yaml").write_text(text)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
+def test_stage_refuses_bad_setting_before_any_work(refusals: dict, name: str, snippet: str, key: str) -> None:
+    result = refusals[(name, snippet)]
+    assert result["returncode"] == 2, result["stderr"][-2000:]
+    assert "Traceback" not in result["stderr"]
     # One line on stderr says what is wrong (the stage's log goes to stdout).
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, proc.stderr
+    lines = [line for line in result["stderr"].splitlines() if line.strip()]
+    assert len(lines) == 1, result["stderr"]
     assert key in named_keys(lines[0]), lines[0]
-    assert snapshot(repo) == before, f"{name} wrote or changed files"
+    assert result["changed"] == [], f"{name} wrote or changed files"
 
 
 @pytest.mark.e2e
