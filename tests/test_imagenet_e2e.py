@@ -22,8 +22,7 @@ from tinyrepo import make_tiny_repo
 
 pytestmark = pytest.mark.e2e  # runs stages, servers or other processes: `make test`, not `make test-fast`
 
-# 32 px: ResNet-101's five halvings still leave a 1x1 map, at a quarter of 64 px's compute.
-IMAGE_SIZE, RESIZE, CLASSES = 32, 36, 4
+IMAGE_SIZE, RESIZE, CLASSES = 64, 72, 4
 
 
 def conv(cin: int, cout: int, k: int, side: int) -> int:
