@@ -272,15 +272,12 @@ def tracking_server(state: Path = STATE, port: int = MLFLOW_PORT, pg_port: int =
         pg.stop()
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt  # unwinds through tracking_server(), which stops both servers
-
-
 def main() -> None:
     # Both servers run in sessions of their own, so nothing but us stops them: `kill <pid>` and a closed
     # terminal must unwind like Ctrl-C does (Python's default for SIGTERM and SIGHUP is to die on the spot).
-    signal.signal(signal.SIGTERM, _interrupt)
-    signal.signal(signal.SIGHUP, _interrupt)
+    # SIGTERM and SIGHUP as Ctrl-C: KeyboardInterrupt unwinds through tracking_server(), which stops both servers.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    signal.signal(signal.SIGHUP, signal.default_int_handler)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--state", type=Path, default=STATE, help="folder for the cluster, its log and the artifacts")
     parser.add_argument("--port", type=int, default=MLFLOW_PORT, help="the MLflow server's port on 127.0.0.1")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-from typing import Any
 
 from blockdrop.config import load_params
 from blockdrop.project import project_root
@@ -24,10 +23,6 @@ __all__ = ["DEPLOYMENT", "serve"]
 DEPLOYMENT = "blockdrop-retrain-scheduled"
 
 
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
 def serve(port: int = LOCAL_PORT, startup_timeout_s: float = 120.0) -> None:
     """Serve ``blockdrop-retrain`` on ``flow.cron`` against a Prefect server on 127.0.0.1:``port``, starting
     the server if none answers there (and stopping it again on Ctrl-C). Invalid params or a cron Prefect
@@ -37,7 +32,8 @@ def serve(port: int = LOCAL_PORT, startup_timeout_s: float = 120.0) -> None:
     root = project_root()
     cron = checked_cron(load_params(root / "params.yaml"))
     api = api_url(port)
-    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the server too (Prefect's runner takes over later)
+    # `kill` is Ctrl-C: it stops the server too (Prefect's runner installs its own handler later).
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         with local_server(port, stage_env(), startup_timeout_s=startup_timeout_s) as started:
             os.environ["PREFECT_API_URL"] = api  # for the flow runs the server's runner starts
