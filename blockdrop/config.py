@@ -70,8 +70,13 @@ class Conflict(ValueError):
 
 
 class Data(Section):
-    source: Literal["fashion-mnist", "cifar10", "cifar100", "imagenet"] = "fashion-mnist"
-    raw_dir: str = "data/raw"  # local copies of the raw datasets are looked for here first (ImageNet: raw_dir/imagenet)
+    source: Literal["fashion-mnist", "cifar10", "cifar100", "imagenet", "folder"] = "fashion-mnist"
+    # The folder of this source's raw files, prepare's DVC dependency (tracked by <raw>.dvc: `make data`)
+    raw: Annotated[str, Field(min_length=1)] = "data/raw/fashion-mnist"
+    # How a folder of images is read: cifar (decoded once into memory at one size, random crops of the whole
+    # image) or imagenet (kept on disk: shorter side resized to `resize`, `image_size` crops). Fashion-MNIST and
+    # CIFAR are cifar, ImageNet is imagenet.
+    transforms: Literal["cifar", "imagenet"] = "cifar"
     val_size: NonNegInt = 5000  # images carved from train, deterministically from `seed`
     train_limit: NonNegInt = 0  # keep only this many training images (0: all); for tests and quick looks
     test_limit: NonNegInt = 0  # keep only the first this many test images (0: all)
@@ -81,6 +86,19 @@ class Data(Section):
     # then a random (train) or centred (val, test) image_size x image_size crop is taken.
     resize: PositiveInt = 256
     image_size: PositiveInt = 224
+
+    @property
+    def streamed(self) -> bool:
+        """Whether the images stay on disk and are decoded per batch (ImageNet-style) instead of in memory."""
+        return self.transforms == "imagenet"
+
+    @model_validator(mode="after")
+    def _transforms_of_the_source(self) -> Data:
+        own = {"fashion-mnist": "cifar", "cifar10": "cifar", "cifar100": "cifar", "imagenet": "imagenet"}
+        if self.source in own and self.transforms != own[self.source]:
+            raise Conflict(("transforms", "source"), f"{self.source} is read with {own[self.source]}-style "
+                           f"transforms; `transforms` chooses only for data.source: folder")
+        return self
 
     @model_validator(mode="after")
     def _crop_within_resize(self) -> Data:
@@ -348,17 +366,17 @@ class Params(Section):
     @model_validator(mode="after")
     def _sections_agree(self) -> Params:
         # Only what params.yaml alone decides; checks against the data's shape are in check_data_fit.
-        imagenet_data = self.data.source == "imagenet"
-        if imagenet_data != self.model.imagenet:
+        # A folder of your own goes with either family; the published datasets with their own.
+        if self.data.source != "folder" and (self.data.source == "imagenet") != self.model.imagenet:
             raise Conflict(("data.source", "model.depth"), f"ImageNet goes with the ResNet-{IMAGENET_DEPTH} and the "
                            f"CIFAR ResNets with 32x32 data; got {self.data.source} with depth {self.model.depth}")
-        if imagenet_data:  # JPEGs are cropped by data.resize/image_size: a second crop would be silently ignored
+        if self.data.streamed:  # images are cropped by data.resize/image_size: a second crop would be ignored
             flat = flatten(self.model_dump())
             crops = [key for key in ("pretrain.crop_padding", "pretrain.crop_size", "curriculum.crop_padding",
                                      "finetune.crop_padding") if flat[key]]
             if crops:
-                raise Conflict((*crops, "data.source"), "ImageNet images are cropped by data.resize and "
-                               "data.image_size; set these to 0")
+                raise Conflict((*crops, "data.transforms"), "imagenet-style images are cropped by "
+                               "data.resize and data.image_size; set these to 0")
         if self.pretrain.epochs == 0 and not self.model.weights:
             raise Conflict(("pretrain.epochs", "model.weights"), "0 epochs trains nothing: it needs a backbone "
                            "weights file to start from")

@@ -1,6 +1,8 @@
-"""DVC stage ``prepare``: raw dataset -> uint8 tensors for train / val / test plus meta.json.
+"""DVC stage ``prepare``: the raw files in ``data.raw`` -> uint8 tensors for train / val / test plus meta.json.
 
-ImageNet (``data.source: imagenet``) stays in its folders: the splits written are indexes of its image files.
+``data.raw`` is the stage's DVC dependency (dvc.yaml), so the data read here is the data DVC versions.
+ImageNet-style data (``data.transforms: imagenet``) stays in its folders: the splits written are indexes of its
+image files.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ log = logging.getLogger("blockdrop.prepare")
 def read_tensors(ctx: stage.StageContext) -> Callable[[Path], Meta]:
     """Read Fashion-MNIST / CIFAR into memory; return the writer of its prepared splits."""
     data = ctx.params.data
-    raw = load_source(data.source, data.raw_dir, data.verify_checksums)  # md5 of the raw files checked
+    raw = load_source(data.source, data.raw, data.verify_checksums)  # md5 of the raw files checked
     log.info("read %s from %s: %d train, %d test images of shape %s", data.source, raw.origin,
              len(raw.train_labels), len(raw.test_labels), tuple(raw.train_images.shape[1:]))
     # Sizes that do not fit the raw data exit 2 here, before the MLflow run is opened.
@@ -45,7 +47,7 @@ def read_tensors(ctx: stage.StageContext) -> Callable[[Path], Meta]:
 def read_folders(ctx: stage.StageContext) -> Callable[[Path], Meta]:
     """List ImageNet's folders (the images are read by the later stages); return the writer of the indexes."""
     data = ctx.params.data
-    listing = scan_imagenet(Path(data.raw_dir) / "imagenet")
+    listing = scan_imagenet(Path(data.raw))
     log.info("listed imagenet in %s: %d classes, %d train, %d val images", listing.root, len(listing.classes),
              len(listing.train[0]), len(listing.test[0]))
     stage.check_fit(ctx, (3, data.image_size, data.image_size),
@@ -63,7 +65,7 @@ def main() -> None:
     ctx = stage.start("prepare")
     data = ctx.params.data
     with stage.failures_reported("prepare"):
-        write = (read_folders if data.source == "imagenet" else read_tensors)(ctx)
+        write = (read_folders if data.streamed else read_tensors)(ctx)
     with stage.failures_reported("prepare"), tracking.stage_run("prepare", ctx.params) as run:
         # Write beside the real folder, then swap it in: a failure never leaves a half-written dataset.
         tmp = Path(f"{stage.DATA_DIR}.tmp")

@@ -80,7 +80,7 @@ SCHEMA_CASES = [
     ("pretrain: {lr_schedule: linear}", "pretrain.lr_schedule"),
     ("finetune: {lr_decay_epoch: 2}", "finetune.lr_decay_epoch"),  # never reached in 2 epochs (tiny: 1)
     ("finetune: {lr_decay: 0}", "finetune.lr_decay"),
-    ("data: {raw_dir: null}", "data.raw_dir"),
+    ("data: {raw: null}", "data.raw"),
     ("data: {val_size: .nan}", "data.val_size"),
     ("model: {depth: 2000}", "model.depth"),
     ("pretrain: {momentum: 1.5}", "pretrain.momentum"),

@@ -64,7 +64,8 @@ MISTAKES = [
     ("evaluate: {batch_size: 0}", "evaluate.batch_size"),
     ("curriculum: {penalty: -1.0}", "curriculum.penalty"),
     ("seed: -3", "seed"),
-    ("data: {raw_dir: 5}", "data.raw_dir"),
+    ("data: {raw: 5}", "data.raw"),
+    ("data: {raw: ''}", "data.raw"),
     ("finetune: {lr: .inf}", "finetune.lr"),  # non-finite floats: exit 0 with NaN weights before
     ("flow: {retry_delay_s: .nan}", "flow.retry_delay_s"),
     ("data: {val_size: 0}", "data.val_size"),  # the RL stages score the policy on val
@@ -273,6 +274,19 @@ def test_conflict_names_every_key_it_involves() -> None:
     assert str(info.value) == "pretrain.warmup_epochs, pretrain.epochs: warm-up of 4.5 epochs is longer than the " \
                               "4 epochs of training"
     assert parse_params(merged("pretrain: {warmup_epochs: 4, epochs: 4}")).pretrain.warmup_epochs == 4
+
+
+def test_transforms_choose_only_for_a_folder_of_images() -> None:
+    for yaml_text in ("data: {transforms: imagenet}", "data: {source: imagenet, transforms: cifar}"):
+        with pytest.raises(ParamsError, match=r"^data\.transforms, data\.source: \S+ is read with \w+-style "):
+            parse_params(merged(yaml_text))
+    streamed = "data: {source: folder, transforms: imagenet, resize: 36, image_size: 32}\n"
+    folder = parse_params(merged(streamed + "pretrain: {crop_size: 0}\ncurriculum: {crop_padding: 0}\n"
+                                            "finetune: {crop_padding: 0}"))
+    assert folder.data.streamed and folder.model.depth == 32  # a folder goes with a CIFAR ResNet too
+    with pytest.raises(ParamsError, match=r"^pretrain\.crop_size, curriculum\.crop_padding, finetune\.crop_padding, "
+                                          r"data\.transforms: imagenet-style images"):
+        parse_params(merged(streamed))
 
 
 def test_conflict_across_sections_names_keys_from_the_root() -> None:

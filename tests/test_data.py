@@ -8,7 +8,6 @@ import json
 import os
 import pickle
 import re
-import struct
 import subprocess
 import sys
 import urllib.error
@@ -55,17 +54,11 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         raise urllib.error.URLError("network disabled in tests")
 
     monkeypatch.setattr(urllib.request, "urlopen", refuse)
-    monkeypatch.setattr(datasets.FashionMNIST, "mirrors", ["http://127.0.0.1:9/"])
     return tried
 
 
-@pytest.fixture
-def no_debian(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(sources, "DEBIAN_FASHION_MNIST", tmp_path / "no-such-debian-dir")
-
-
 # ----------------------------------------------------------------------------------------------------------
-# Fashion-MNIST
+# Fashion-MNIST: read from data.raw only (putting it there is blockdrop.data.fetch's job: test_data_fetch.py)
 
 
 def check_fashion(raw: RawData, data: dict[str, np.ndarray]) -> None:
@@ -76,43 +69,32 @@ def check_fashion(raw: RawData, data: dict[str, np.ndarray]) -> None:
     assert torch.equal(raw.test_images[:, 0], torch.from_numpy(data["test_images"]))
     assert raw.train_labels.tolist() == [i % 10 for i in range(120)]
     assert raw.test_labels.tolist() == [(3 * i) % 10 for i in range(40)]
-    assert raw.classes == FASHION_CLASSES
+    assert raw.classes == FASHION_CLASSES == datasets.FashionMNIST.classes
 
 
-def test_fashion_mnist_from_idx_files(tmp_path: Path, no_network: list[str], no_debian: None) -> None:
+@pytest.mark.parametrize("gz", [False, True], ids=["idx", "idx.gz"])
+def test_fashion_mnist_from_its_raw_folder(tmp_path: Path, gz: bool) -> None:
     data = fake_fashion()
-    folder = tmp_path / "raw" / "FashionMNIST" / "raw"
-    write_fashion(folder, data)
-    raw = load_source("fashion-mnist", tmp_path / "raw", verify_checksums=False)  # fake files
+    write_fashion(tmp_path / "fashion-mnist", data, gz=gz)
+    raw = load_source("fashion-mnist", tmp_path / "fashion-mnist", verify_checksums=False)  # fake files
     check_fashion(raw, data)
-    assert raw.origin == str(folder)
+    assert raw.origin == str(tmp_path / "fashion-mnist")
+    # the md5 of the uncompressed bytes either way, as meta.json records them
     assert raw.raw_md5 == {name: md5(blob) for name, blob in fashion_idx_files(data).items()}
-    assert no_network == []
+    assert sorted(p.name for p in (tmp_path / "fashion-mnist").iterdir()) == sorted(
+        f"{n}.gz" if gz else n for n in FASHION_FILES)  # the tracked folder is read, never written
 
 
-def test_fashion_mnist_from_debian_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                           no_network: list[str]) -> None:
-    data = fake_fashion()
-    debian = tmp_path / "debian"
-    write_fashion(debian, data, gz=True)  # Debian ships the four files gzipped
-    monkeypatch.setattr(sources, "DEBIAN_FASHION_MNIST", debian)
-    raw = load_source("fashion-mnist", tmp_path / "raw", verify_checksums=False)
-    check_fashion(raw, data)
-    folder = tmp_path / "raw" / "FashionMNIST" / "raw"
-    assert (folder / "train-images-idx3-ubyte").read_bytes() == fashion_idx_files(data)["train-images-idx3-ubyte"]
-    assert sorted(p.name for p in folder.iterdir()) == sorted(FASHION_FILES)  # no temporary file left
-    assert no_network == []
-
-
-def test_fashion_mnist_missing_everywhere(tmp_path: Path, no_network: list[str], no_debian: None) -> None:
+def test_fashion_mnist_is_read_from_the_raw_folder_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """prepare reads what DVC versions: no download, no copy from elsewhere on the machine."""
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: pytest.fail("tried the network"))
     with pytest.raises(DataSourceError) as info:
-        load_source("fashion-mnist", tmp_path / "raw")
+        load_source("fashion-mnist", tmp_path / "fashion-mnist")
     message = str(info.value)
-    assert str(tmp_path / "raw" / "FashionMNIST" / "raw") in message  # (1) the data/raw folder
-    assert "apt-get install dataset-fashion-mnist" in message  # (2) the Debian package
-    assert "internet" in message  # (3) the network
-    assert info.value.__cause__ is None and info.value.__suppress_context__  # no chained traceback
-    assert no_network, "torchvision should have tried (and failed) to download"
+    assert f"Fashion-MNIST is not in {tmp_path / 'fashion-mnist'}/" in message
+    assert "make data" in message and "dvc pull" in message
+    assert "\n" not in message and info.value.__cause__ is None
+    assert not (tmp_path / "fashion-mnist").exists()
 
 
 def test_unknown_source(tmp_path: Path) -> None:
@@ -120,53 +102,33 @@ def test_unknown_source(tmp_path: Path) -> None:
         load_source("mnist", tmp_path)
 
 
-def test_fashion_mnist_wrong_checksum_is_refused_before_parsing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                                no_network: list[str], no_debian: None) -> None:
+def test_fashion_mnist_wrong_checksum_is_refused_before_parsing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                                ) -> None:
     data = fake_fashion()
-    folder = tmp_path / "raw" / "FashionMNIST" / "raw"
+    folder = tmp_path / "fashion-mnist"
     write_fashion(folder, data)
-    monkeypatch.setattr(datasets.FashionMNIST, "_load_data", lambda self: pytest.fail("parsed an unverified file"))
+    monkeypatch.setattr(sources, "parse_idx", lambda blob: pytest.fail("parsed an unverified file"))
     with pytest.raises(DataSourceError) as info:
-        load_source("fashion-mnist", tmp_path / "raw")  # verify_checksums defaults to on
+        load_source("fashion-mnist", folder)  # verify_checksums defaults to on
     message = str(info.value)
     first = "train-images-idx3-ubyte"
     assert str(folder / first) in message
     assert sources.FASHION_MNIST_MD5[first] in message  # expected
     assert md5(fashion_idx_files(data)[first]) in message  # found
     assert "\n" not in message and info.value.__cause__ is None
-    assert no_network == []
 
 
-def test_fashion_mnist_damaged_debian_archive_leaves_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                             no_network: list[str]) -> None:
-    debian = tmp_path / "debian"
-    write_fashion(debian, fake_fashion(), gz=True)
-    whole = (debian / "t10k-images-idx3-ubyte.gz").read_bytes()
-    (debian / "t10k-images-idx3-ubyte.gz").write_bytes(whole[: len(whole) // 2])  # as if a copy was cut short
-    monkeypatch.setattr(sources, "DEBIAN_FASHION_MNIST", debian)
-    with pytest.raises(DataSourceError, match=r"t10k-images-idx3-ubyte\.gz.*reinstall"):
-        load_source("fashion-mnist", tmp_path / "raw", verify_checksums=False)
-    folder = tmp_path / "raw" / "FashionMNIST" / "raw"
-    # the files before it were copied whole; of the damaged one, neither a truncated file nor a temporary one
-    assert sorted(p.name for p in folder.iterdir()) == ["train-images-idx3-ubyte", "train-labels-idx1-ubyte"]
-
-
-@pytest.mark.skipif(not all((sources.DEBIAN_FASHION_MNIST / f"{n}.gz").exists() for n in FASHION_FILES),
-                    reason="Debian's dataset-fashion-mnist is not installed")
-def test_real_fashion_mnist_matches_the_pinned_md5s(tmp_path: Path, no_network: list[str]) -> None:
-    """The pinned md5s are those of the real data: Debian's files decompress to them, with the idx headers and
-    sizes of Fashion-MNIST's 60000 + 10000 28x28 images."""
-    raw = load_source("fashion-mnist", tmp_path / "raw")
-    assert raw.raw_md5 == sources.FASHION_MNIST_MD5
-    folder = tmp_path / "raw" / "FashionMNIST" / "raw"
-    sizes = {n: (folder / n).stat().st_size for n in FASHION_FILES}
-    assert sizes == {"train-images-idx3-ubyte": 47040016, "train-labels-idx1-ubyte": 60008,
-                     "t10k-images-idx3-ubyte": 7840016, "t10k-labels-idx1-ubyte": 10008}
-    header = (folder / "train-images-idx3-ubyte").read_bytes()[:16]
-    assert struct.unpack(">iiii", header) == (2051, 60000, 28, 28)  # idx3 magic, N, H, W
-    assert raw.train_images.shape == (60000, 1, 28, 28) and raw.test_labels.shape == (10000,)
-    assert set(raw.train_labels.tolist()) == set(range(10))
-    assert no_network == []
+def test_fashion_mnist_damaged_files_are_named(tmp_path: Path) -> None:
+    folder = tmp_path / "fashion-mnist"
+    write_fashion(folder, fake_fashion(), gz=True)
+    whole = (folder / "t10k-images-idx3-ubyte.gz").read_bytes()
+    (folder / "t10k-images-idx3-ubyte.gz").write_bytes(whole[: len(whole) // 2])  # a copy cut short
+    with pytest.raises(DataSourceError, match=r"t10k-images-idx3-ubyte\.gz is unreadable"):
+        load_source("fashion-mnist", folder, verify_checksums=False)
+    write_fashion(folder, fake_fashion())  # uncompressed beside it: read first
+    (folder / "t10k-labels-idx1-ubyte").write_bytes(b"\0\0\x08\x01\0\0\0\x28" + bytes(3))  # 40 labels said, 3 there
+    with pytest.raises(DataSourceError, match=r"damaged: 3 values for a 40 array"):
+        load_source("fashion-mnist", folder, verify_checksums=False)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -193,7 +155,7 @@ def test_cifar10_from_archive_only(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     fake.write_archive(tmp_path)
     raw = load_source("cifar10", tmp_path)
     check_cifar(raw, fake)
-    assert (tmp_path / "cifar-10-batches-py" / "data_batch_2").exists()  # extracted in place
+    assert sorted(p.name for p in tmp_path.iterdir()) == [fake.filename]  # unpacked elsewhere: data.raw untouched
     assert no_network == []
 
 
@@ -222,7 +184,7 @@ def test_cifar10_archive_with_wrong_md5(tmp_path: Path, monkeypatch: pytest.Monk
     with pytest.raises(DataSourceError) as info:
         load_source("cifar10", tmp_path)
     message = str(info.value)
-    assert "cifar-10-python.tar.gz" in message and "0" * 32 in message and "internet" in message
+    assert "cifar-10-python.tar.gz" in message and "0" * 32 in message and "make data" in message
     assert not (tmp_path / "cifar-10-batches-py").exists()  # never extracted
     assert info.value.__cause__ is None
 

@@ -346,7 +346,7 @@ def tiny_prepared(tmp_path_factory) -> Path:
 
     root = make_tiny_repo(tmp_path_factory.mktemp("bad-input") / "repo")
     p = yaml.safe_load((root / "params.yaml").read_text())
-    raw = load_source("fashion-mnist", root / p["data"]["raw_dir"], verify_checksums=False)  # fake idx files
+    raw = load_source("fashion-mnist", root / p["data"]["raw"], verify_checksums=False)  # fake idx files
     splits = split_train_val(raw, p["data"]["val_size"], p["seed"], p["data"]["train_limit"], p["data"]["test_limit"])
     write_prepared(splits, raw, "fashion-mnist", root / "data" / "prepared")
     return root

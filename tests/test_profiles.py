@@ -101,7 +101,7 @@ BLOCKS = {"cifar10-resnet32": 15, "cifar100-resnet32": 15, "cifar10-resnet110": 
 # check, ImageNet-only sizes and weights (the config refuses weights for a CIFAR ResNet), and the pretraining
 # optimiser of a backbone that is imported (pretrain.epochs 0).
 SECTIONS = ("data", "model", "pretrain", "curriculum", "finetune")
-IRRELEVANT_ALWAYS = {"data.raw_dir", "data.verify_checksums"}
+IRRELEVANT_ALWAYS = {"data.raw", "data.verify_checksums", "data.transforms"}
 IRRELEVANT_CIFAR = IRRELEVANT_ALWAYS | {"data.resize", "data.image_size", "model.weights", "model.policy_weights"}
 IRRELEVANT_IMPORTED = IRRELEVANT_ALWAYS | {f"pretrain.{k}" for k in (
     "batch_size", "lr", "lr_schedule", "momentum", "weight_decay", "label_smoothing", "drop_path", "drop_path_unit",

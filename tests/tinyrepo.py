@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from configobj import ConfigObj
 from fakedata import write_fashion
 
 REPO = Path(__file__).resolve().parents[1]
+DVC = Path(sys.executable).parent / "dvc"
 # Produced by runs or local to a machine: never copied.
 SKIP_PREFIXES = ("data/", "models/", "checkpoints/", "mlartifacts/", "mlruns/", ".dvc/cache/", ".dvc/tmp/",
                  ".dvc/config.local", "tests/", "bench/", ".ci/")
@@ -88,8 +90,9 @@ def drop_dvc_remotes(root: Path) -> None:
     conf.write()
 
 
-def make_tiny_repo(dst: Path, overrides: dict | None = None, repo: Path = REPO) -> Path:
-    """Copy the project to ``dst`` (created), apply the tiny profile and ``overrides``, add fake data."""
+def make_tiny_repo(dst: Path, overrides: dict | None = None, repo: Path = REPO, track_raw: bool = True) -> Path:
+    """Copy the project to ``dst`` (created), apply the tiny profile and ``overrides``, add fake data in
+    ``data.raw`` (tracked by DVC unless ``track_raw`` is off, the layout before the raw data was versioned)."""
     dst.mkdir(parents=True, exist_ok=True)
     for rel in project_files(repo):
         target = dst / rel
@@ -100,10 +103,12 @@ def make_tiny_repo(dst: Path, overrides: dict | None = None, repo: Path = REPO) 
     tiny = yaml.safe_load(profile.read_text()) if profile.exists() else FALLBACK_TINY
     params = merge(merge(params, tiny), overrides or {})
     (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    write_fashion(dst / params["data"]["raw_dir"] / "FashionMNIST" / "raw", learnable_fashion())
+    write_fashion(dst / params["data"]["raw"], learnable_fashion())
     drop_dvc_remotes(dst)
     git = ["git", "-c", "init.defaultBranch=main"]
     subprocess.run([*git, "init", "-q"], cwd=dst, check=True)
+    if track_raw:  # as `make data` leaves the project: the raw folder in DVC's cache, <raw>.dvc beside it
+        subprocess.run([str(DVC), "add", "--quiet", params["data"]["raw"]], cwd=dst, check=True)
     return dst
 
 

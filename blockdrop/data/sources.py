@@ -1,15 +1,23 @@
-"""Raw datasets -> uint8 tensors, from local copies first and the network last.
+"""Raw datasets -> uint8 tensors, read from one folder: the source's DVC-tracked raw data (``data.raw``).
 
-Every source returns the same thing: ``(train_images, train_labels, test_images, test_labels, classes)``
-with images as uint8 ``(N, C, H, W)`` tensors. torchvision does the reading and checks CIFAR's md5s; the
-Fashion-MNIST idx files are checked here against :data:`FASHION_MNIST_MD5`, and every source reports the md5
-of the raw files it read (``RawData.raw_md5``, recorded in ``meta.json``).
+Every source returns the same thing, a :class:`RawData`: images as uint8 ``(N, C, H, W)`` tensors, int64 labels,
+the class names, and the md5 of each raw file read (recorded in ``meta.json``). Nothing here reaches outside
+``data.raw``: that folder is a DVC dependency of ``prepare``, so what the stage reads is what DVC versions.
+Putting the files there (Debian's package, a download, ``dvc pull``) is :mod:`blockdrop.data.fetch`'s job.
+
+Layouts under ``data.raw``:
+
+- ``fashion-mnist``: the four idx files, uncompressed or ``.gz``; each is checked against
+  :data:`FASHION_MNIST_MD5` (the md5 of the uncompressed bytes) unless ``data.verify_checksums`` is off.
+- ``cifar10`` / ``cifar100``: torchvision's extracted folder (``cifar-10-batches-py/``) or the official archive
+  (``cifar-10-python.tar.gz``); torchvision checks every file against the md5s it lists.
 """
 
 from __future__ import annotations
 
 import gzip
 import hashlib
+import tempfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,11 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from blockdrop.files import atomic_write_bytes
-
-__all__ = ["DEBIAN_FASHION_MNIST", "FASHION_MNIST_MD5", "DataSourceError", "RawData", "load_source"]
-
-DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+__all__ = ["FASHION_MNIST_CLASSES", "FASHION_MNIST_MD5", "DataSourceError", "RawData", "load_source"]
 
 # md5 of the four *uncompressed* idx files. Zalando publishes md5s of its .gz archives (torchvision's
 # `FashionMNIST.resources`), but Debian's package re-compressed them (its .gz md5s differ), so the digest both
@@ -35,6 +39,10 @@ FASHION_MNIST_MD5 = {
     "t10k-images-idx3-ubyte": "8181f5470baa50b63fa0f6fddb340f0a",
     "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965",
 }
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                         "Bag", "Ankle boot"]  # label order, as Zalando (and torchvision) list them
+
+FETCH_HINT = "run `make data` (puts the default dataset there and tracks it with DVC) or `dvc pull`"
 
 
 class DataSourceError(RuntimeError):
@@ -57,105 +65,97 @@ def _nchw(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     return t.unsqueeze(1).contiguous() if t.ndim == 3 else t.permute(0, 3, 1, 2).contiguous()
 
 
-def _from_torchvision(cls: type, root: Path, download: bool) -> tuple[RawData, list[str]]:
-    train, test = (cls(str(root), train=flag, download=download) for flag in (True, False))
-    raw = RawData(
-        _nchw(train.data), torch.as_tensor(train.targets, dtype=torch.int64),
-        _nchw(test.data), torch.as_tensor(test.targets, dtype=torch.int64),
-        list(train.classes), origin=str(root),
-    )
-    return raw, list(train.classes)
+def parse_idx(data: bytes) -> np.ndarray:
+    """An idx file's array (LeCun's format: zero bytes, a type code, the number of dimensions, each dimension as
+    a big-endian int32, then the values). Fashion-MNIST's are all unsigned bytes (type 0x08)."""
+    if len(data) < 4 or data[:2] != b"\0\0" or data[2] != 0x08:
+        raise ValueError("not an idx file of unsigned bytes")
+    dims = np.frombuffer(data, dtype=">i4", count=data[3], offset=4).tolist()
+    values = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * len(dims))
+    if values.size != int(np.prod(dims)):
+        raise ValueError(f"{values.size} values for a {'x'.join(map(str, dims))} array (truncated?)")
+    return values.reshape(dims).copy()  # writable, owning its memory: torch shares it without a warning
 
 
-def _md5(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "md5").hexdigest()  # ~0.1 s for the 47 MB train images
+def _read_idx(folder: Path, name: str) -> bytes:
+    """The uncompressed bytes of idx file ``name`` in ``folder``, stored as is or gzipped."""
+    plain, packed = folder / name, folder / f"{name}.gz"
+    try:
+        if plain.exists():
+            return plain.read_bytes()
+        if packed.exists():
+            with gzip.open(packed) as f:
+                return f.read()
+    except (OSError, EOFError, zlib.error) as e:  # a truncated or damaged archive
+        raise DataSourceError(f"{packed} is unreadable ({type(e).__name__}: {e}); {FETCH_HINT}") from None
+    raise DataSourceError(f"Fashion-MNIST is not in {folder}/ ({name} is missing): {FETCH_HINT}")
 
 
-def _checked_md5(folder: Path, names: list[str], verify: bool) -> dict[str, str]:
-    """The md5 of each raw file; with ``verify``, refuse one that differs from :data:`FASHION_MNIST_MD5`."""
-    digests = {n: _md5(folder / n) for n in names}
-    for n, found in digests.items():
-        expected = FASHION_MNIST_MD5.get(n)
-        if verify and found != expected:
+def _fashion_mnist(folder: Path, verify: bool) -> RawData:
+    blobs = {name: _read_idx(folder, name) for name in FASHION_MNIST_MD5}
+    digests = {name: hashlib.md5(blob).hexdigest() for name, blob in blobs.items()}
+    for name, found in digests.items():  # checked before parsing, so a wrong file is named as such
+        if verify and found != FASHION_MNIST_MD5[name]:
             raise DataSourceError(
-                f"{folder / n} failed its checksum: expected md5 {expected}, found {found}; delete it and run "
-                "prepare again (or set data.verify_checksums: false for data of your own)"
+                f"{folder / name} failed its checksum: expected md5 {FASHION_MNIST_MD5[name]}, found {found}; "
+                f"{FETCH_HINT} (or set data.verify_checksums: false for data of your own)"
             )
-    return digests
-
-
-def _fashion_mnist(cls: type, raw_dir: Path, verify: bool) -> RawData:
-    folder = raw_dir / "FashionMNIST" / "raw"  # torchvision's own layout under the root
-    names = [Path(name).stem for name, _ in cls.resources]  # '*-ubyte', uncompressed
-    if not all((folder / n).exists() for n in names) and all(
-        (DEBIAN_FASHION_MNIST / f"{n}.gz").exists() for n in names
-    ):
-        # Debian re-compressed the archives (their .gz md5s differ from upstream), so copy the idx
-        # files uncompressed; torchvision then reads them as if it had downloaded them. Each copy is
-        # atomic: a kill mid-copy must not leave a truncated idx file that the next run takes as present.
-        for n in names:
-            if not (folder / n).exists():
-                try:
-                    with gzip.open(DEBIAN_FASHION_MNIST / f"{n}.gz") as src:
-                        atomic_write_bytes(folder / n, src.read())  # at most 47 MB
-                except (OSError, EOFError, zlib.error) as e:  # a truncated or damaged archive
-                    raise DataSourceError(
-                        f"cannot copy {DEBIAN_FASHION_MNIST / n}.gz to {folder}/ ({type(e).__name__}: {e}); "
-                        "reinstall the package (apt-get install --reinstall dataset-fashion-mnist)"
-                    ) from None
-    local = all((folder / n).exists() for n in names)
-    if local:  # checked before torchvision parses them, so a wrong file is named as such
-        digests = _checked_md5(folder, names, verify)
     try:
-        raw, _ = _from_torchvision(cls, raw_dir, download=not local)
-    except Exception as e:  # no network, partial files, a proxy page instead of data ...
-        raise DataSourceError(
-            f"Fashion-MNIST is not available ({type(e).__name__}: {e}). Do one of: "
-            f"(1) put the four idx files in {folder}/, "
-            f"(2) `apt-get install dataset-fashion-mnist` (fills {DEBIAN_FASHION_MNIST}), "
-            "(3) run with internet access so torchvision can download it."
-        ) from None
-    if not local:  # torchvision checked the archives it downloaded; check what they unpacked to as well
-        digests = _checked_md5(folder, names, verify)
-    origin = str(folder) if local else "downloaded by torchvision"
-    return RawData(**{**raw.__dict__, "origin": origin, "raw_md5": digests})
+        arrays = {name: parse_idx(blob) for name, blob in blobs.items()}
+    except ValueError as e:
+        raise DataSourceError(f"Fashion-MNIST in {folder}/ is damaged: {e}; {FETCH_HINT}") from None
+    return RawData(
+        _nchw(arrays["train-images-idx3-ubyte"]), torch.as_tensor(arrays["train-labels-idx1-ubyte"], dtype=torch.int64),
+        _nchw(arrays["t10k-images-idx3-ubyte"]), torch.as_tensor(arrays["t10k-labels-idx1-ubyte"], dtype=torch.int64),
+        list(FASHION_MNIST_CLASSES), origin=str(folder), raw_md5=digests,
+    )
 
 
-def _cifar(cls: type, raw_dir: Path) -> RawData:
-    folder, archive = raw_dir / cls.base_folder, raw_dir / cls.filename
-    # torchvision checks every batch file's md5 before unpickling it; with only the archive present,
-    # download() verifies the archive's published md5, then extracts it (no network needed).
-    try:
-        raw, _ = _from_torchvision(cls, raw_dir, download=not folder.exists())
-    except Exception as e:
-        raise DataSourceError(
-            f"{cls.__name__} is not available or failed its checksum ({type(e).__name__}: {e}). Put "
-            f"{archive.name} (md5 {cls.tgz_md5}) or the extracted {folder.name}/ in {raw_dir}/, "
-            "or run with internet access so torchvision can download it."
-        ) from None
+def _cifar(cls: type, folder: Path) -> RawData:
+    from torchvision.datasets.utils import check_integrity, extract_archive
+
+    extracted, archive = folder / cls.base_folder, folder / cls.filename
+    with tempfile.TemporaryDirectory(prefix="blockdrop-cifar-") as tmp:
+        root = folder
+        if not extracted.is_dir() and archive.is_file():
+            # Unpacked outside data.raw: the tracked folder must stay exactly what DVC recorded.
+            if not check_integrity(str(archive), cls.tgz_md5):
+                raise DataSourceError(f"{archive} failed its checksum (expected md5 {cls.tgz_md5}); {FETCH_HINT}")
+            extract_archive(str(archive), tmp)
+            root = Path(tmp)
+        try:  # torchvision checks every batch file's md5 before unpickling it
+            train, test = (cls(str(root), train=flag, download=False) for flag in (True, False))
+        except Exception as e:
+            raise DataSourceError(
+                f"{cls.__name__} is not in {folder}/ or failed its checksum ({type(e).__name__}: {e}). Put "
+                f"{archive.name} (md5 {cls.tgz_md5}) or the extracted {extracted.name}/ there; {FETCH_HINT}"
+            ) from None
     # torchvision has just checked each of these files against the md5 it lists: record those.
     checked = [*cls.train_list, *cls.test_list, [cls.meta["filename"], cls.meta["md5"]]]
-    return RawData(**{**raw.__dict__, "raw_md5": {name: md5 for name, md5 in checked}})
+    return RawData(
+        _nchw(train.data), torch.as_tensor(train.targets, dtype=torch.int64),
+        _nchw(test.data), torch.as_tensor(test.targets, dtype=torch.int64),
+        list(train.classes), origin=str(folder), raw_md5={name: md5 for name, md5 in checked},
+    )
 
 
-def load_source(source: str, raw_dir: str | Path, verify_checksums: bool = True) -> RawData:
-    """Read ``source`` (``fashion-mnist``, ``cifar10``, ``cifar100``) as uint8 NCHW tensors.
+def load_source(source: str, raw: str | Path, verify_checksums: bool = True) -> RawData:
+    """Read ``source`` (``fashion-mnist``, ``cifar10``, ``cifar100``) from its raw folder ``raw``.
 
     ``verify_checksums`` refuses Fashion-MNIST idx files whose md5 is not the published data's (tests turn it
     off for their fake files); torchvision always checks CIFAR's md5s.
     """
+    folder = Path(raw)
+    if source == "fashion-mnist":
+        return _fashion_mnist(folder, verify_checksums)
     # Imported here, not at the top: torchvision's import pulls in torch._dynamo (~2.5 s on this CPU), and
     # only `prepare` reads raw data; every other stage imports this module for its types.
     from torchvision import datasets
 
-    raw_dir = Path(raw_dir)
-    if source == "fashion-mnist":
-        return _fashion_mnist(datasets.FashionMNIST, raw_dir, verify_checksums)
     if source == "cifar10":
-        return _cifar(datasets.CIFAR10, raw_dir)
+        return _cifar(datasets.CIFAR10, folder)
     if source == "cifar100":
-        return _cifar(datasets.CIFAR100, raw_dir)
+        return _cifar(datasets.CIFAR100, folder)
     if source == "imagenet":
         raise DataSourceError("imagenet is not read into memory: list its folders with blockdrop.data.scan_imagenet")
     raise DataSourceError(f"unknown data source {source!r}")
