@@ -26,12 +26,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)  ## create .venv and install the pinned stack
 
-data:  ## make Fashion-MNIST available offline (Debian's dataset-fashion-mnist) when we can
-	@if [ -d /usr/share/datasets/fashion-mnist ] || [ -d data/raw/FashionMNIST/raw ]; then exit 0; fi; \
-	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null) \
-	    || echo "note: apt could not install dataset-fashion-mnist; prepare will try data/raw, then a download"; \
-	else echo "note: run 'sudo apt-get install dataset-fashion-mnist' or put the idx files in data/raw/FashionMNIST/raw"; fi
+# The raw data is versioned like everything else: prepare depends on data.raw (dvc.yaml), a folder DVC tracks.
+data: install  ## put data.raw in place and track it with DVC (dvc pull, else Debian's package or a download)
+	$(PY) -m ops.data
 
 repro: install data  ## reproduce the whole pipeline (dvc repro)
 	dvc repro
@@ -92,10 +89,10 @@ browser:  ## headless Chromium + chromedriver for the browser tests (apt-get, wh
 # The default remote is .dvc/config's `storage`, a folder beside the clone (../blockdrop-dvc-remote); point it
 # at shared storage with `dvc remote modify storage url s3://...` (or gs://, ssh://). Git holds dvc.lock, the
 # remote holds the bytes it names: push after a run, pull in a fresh clone, and `dvc repro` has nothing to do.
-push: install  ## dvc push: data/prepared and models/ to the default DVC remote
+push: install  ## dvc push: the raw data, data/prepared and models/ to the default DVC remote
 	dvc push
 
-pull: install  ## dvc pull: the outs dvc.lock names, from the default DVC remote
+pull: install  ## dvc pull: the raw data and the outs dvc.lock names, from the default DVC remote
 	dvc pull
 
 sshd:  ## OpenSSH server for the SSH-remote test (apt-get, when root and missing)

@@ -1,7 +1,8 @@
 """A DVC remote carries a reproduced project to a fresh clone (docs/scale-out.md, the team flow).
 
-A run ends with ``dvc push``; a teammate's ``git clone`` has dvc.lock but no data and no DVC cache, runs
-``dvc pull``, and then ``dvc status`` is clean and ``dvc repro`` runs nothing, with the same model bytes.
+A run ends with ``dvc push``; a teammate's ``git clone`` has dvc.lock and the raw data's .dvc file but no data
+and no DVC cache, runs ``dvc pull`` (the raw files come back too), and then ``dvc status`` is clean and
+``dvc repro`` runs nothing, with the same model bytes.
 Two transports: a folder (what the project's default remote is) and SSH, to a throwaway ``sshd`` on
 127.0.0.1 (what a team's server would be), through the ``dvc-ssh`` plugin.
 """
@@ -54,6 +55,10 @@ def model_md5s(root: Path) -> dict[str, str]:
     return {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in sorted((root / "models").glob("*.pt"))}
 
 
+def raw_files(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
 def stage_names(root: Path) -> list[str]:
     return list(yaml.safe_load((root / "dvc.yaml").read_text())["stages"])
 
@@ -82,9 +87,12 @@ def check_fresh_clone(project: Path, clone: Path, local: dict[str, str]) -> None
     # What a teammate starts from: dvc.lock and the code (models/ holds only DVC's .gitignore), no DVC cache.
     assert not (clone / ".dvc" / "cache").exists() and model_md5s(clone) == {}
     assert not (clone / "data" / "prepared").exists()
+    raw = yaml.safe_load((clone / "params.yaml").read_text())["data"]["raw"]
+    assert (clone / f"{raw}.dvc").is_file() and not (clone / raw).exists()  # the raw data: its hash, not its bytes
     for key, value in local.items():
         sh(clone, "dvc", "remote", "modify", "--local", "storage", key, value)
     sh(clone, "dvc", "pull")
+    assert raw_files(clone / raw) == raw_files(project / raw) != {}
 
     # `dvc status` compares the workspace with dvc.lock (deps, params and outs' md5s): `{}` is "up to date".
     assert sh(clone, "dvc", "status", "--json", stdout_only=True).strip() == "{}"

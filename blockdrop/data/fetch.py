@@ -66,8 +66,9 @@ def _fashion_from_network(dest: Path) -> None:
         try:
             datasets.FashionMNIST(tmp, train=True, download=True)
         except Exception as e:  # no network, a proxy page instead of data ...
+            why = " ".join(str(e).split())  # torchvision's message spans lines: the stage reports one
             raise DataSourceError(
-                f"Fashion-MNIST could not be fetched ({type(e).__name__}: {e}). Do one of: "
+                f"Fashion-MNIST could not be fetched ({type(e).__name__}: {why}). Do one of: "
                 f"(1) `apt-get install dataset-fashion-mnist` (fills {DEBIAN_FASHION_MNIST}), "
                 f"(2) put the four idx files in {dest}/, (3) `dvc pull` from a remote that has them."
             ) from None
@@ -84,7 +85,8 @@ def _cifar_from_network(source: str, dest: Path) -> None:
         try:
             download_url(cls.url, tmp, cls.filename, cls.tgz_md5)  # refuses a download whose md5 differs
         except Exception as e:
-            raise DataSourceError(f"{cls.__name__} could not be fetched ({type(e).__name__}: {e}); put "
+            why = " ".join(str(e).split())
+            raise DataSourceError(f"{cls.__name__} could not be fetched ({type(e).__name__}: {why}); put "
                                   f"{cls.filename} (md5 {cls.tgz_md5}) in {dest}/") from None
         shutil.move(Path(tmp) / cls.filename, dest / f".{cls.filename}.partial")
         (dest / f".{cls.filename}.partial").rename(dest / cls.filename)  # whole or absent
