@@ -13,8 +13,8 @@ not compress either) in class folders, and times, in one temporary DVC repositor
 5. ``dvc status`` after one file changed.
 
 It prints each (less DVC's own start-up, timed on an empty repository) as seconds per 10,000 files and as a ratio
-to the md5 floor, and the extrapolation to ImageNet's 1.33 M files / 147 GB. Extrapolating by file count and bytes is linear: the first ``dvc add`` is bound by
-reading and hashing the bytes, the status passes by one ``stat`` per file.
+to the md5 floor, and the extrapolation to ImageNet's 1.33 M files / 147 GB. The extrapolation is linear: the
+first ``dvc add`` is bound by reading and hashing the bytes, the status passes by one ``stat`` per file.
 
     python bench/dvc_raw_data.py                 # 20,000 files of 110 KB (2.2 GB of disk, about 2-4 min)
     python bench/dvc_raw_data.py --files 5000    # quicker
