@@ -73,10 +73,10 @@ class Data(Section):
     source: Literal["fashion-mnist", "cifar10", "cifar100", "imagenet", "folder"] = "fashion-mnist"
     # The folder of this source's raw files, prepare's DVC dependency (tracked by <raw>.dvc: `make data`)
     raw: Annotated[str, Field(min_length=1)] = "data/raw/fashion-mnist"
-    # How a folder of images is read: cifar (decoded once into memory at one size, random crops of the whole
-    # image) or imagenet (kept on disk: shorter side resized to `resize`, `image_size` crops). Fashion-MNIST and
-    # CIFAR are cifar, ImageNet is imagenet.
-    transforms: Literal["cifar", "imagenet"] = "cifar"
+    # How images are read: cifar (decoded once into memory at one size, random crops of the whole image) or
+    # imagenet (kept on disk: shorter side resized to `resize`, `image_size` crops). auto: the source's own
+    # (Fashion-MNIST and CIFAR cifar, ImageNet imagenet, a folder cifar); only a folder may choose.
+    transforms: Literal["auto", "cifar", "imagenet"] = "auto"
     val_size: NonNegInt = 5000  # images carved from train, deterministically from `seed`
     train_limit: NonNegInt = 0  # keep only this many training images (0: all); for tests and quick looks
     test_limit: NonNegInt = 0  # keep only the first this many test images (0: all)
@@ -90,12 +90,12 @@ class Data(Section):
     @property
     def streamed(self) -> bool:
         """Whether the images stay on disk and are decoded per batch (ImageNet-style) instead of in memory."""
-        return self.transforms == "imagenet"
+        return self.transforms == "imagenet" or (self.transforms == "auto" and self.source == "imagenet")
 
     @model_validator(mode="after")
     def _transforms_of_the_source(self) -> Data:
         own = {"fashion-mnist": "cifar", "cifar10": "cifar", "cifar100": "cifar", "imagenet": "imagenet"}
-        if self.source in own and self.transforms != own[self.source]:
+        if self.source in own and self.transforms not in ("auto", own[self.source]):
             raise Conflict(("transforms", "source"), f"{self.source} is read with {own[self.source]}-style "
                            f"transforms; `transforms` chooses only for data.source: folder")
         return self

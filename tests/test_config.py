@@ -277,6 +277,10 @@ def test_conflict_names_every_key_it_involves() -> None:
 
 
 def test_transforms_choose_only_for_a_folder_of_images() -> None:
+    assert parse_params(merged("data: {source: imagenet}\nmodel: {depth: 101, weights: w.pth}\n"
+                               "pretrain: {crop_size: 0}\ncurriculum: {crop_padding: 0}\nfinetune: {crop_padding: 0}"
+                               )).data.streamed  # auto: ImageNet's own
+    assert not parse_params(merged("data: {source: folder}")).data.streamed  # auto: a folder in memory
     for yaml_text in ("data: {transforms: imagenet}", "data: {source: imagenet, transforms: cifar}"):
         with pytest.raises(ParamsError, match=r"^data\.transforms, data\.source: \S+ is read with \w+-style "):
             parse_params(merged(yaml_text))
