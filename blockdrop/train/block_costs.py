@@ -33,7 +33,7 @@ from blockdrop.flops import count_flops
 from blockdrop.models import BlockResNet
 from blockdrop.runtime import autocast
 
-__all__ = ["COSTS", "CostTable", "block_costs", "block_flops", "block_latency", "cost_table"]
+__all__ = ["COSTS", "CostTable", "block_costs", "block_flops", "block_latency", "cost_table", "shares"]
 
 COSTS: tuple[str, ...] = get_args(Cost)  # blocks, flops, latency
 WARMUP_ROUNDS = 3  # untimed passes first: allocator, kernel selection, caches
