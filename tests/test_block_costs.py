@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+from mlflow import MlflowClient
+from tinyrepo import make_tiny_repo
 
+from blockdrop import tracking
 from blockdrop.flops import count_flops
-from blockdrop.models import cifar_resnet
+from blockdrop.models import cifar_resnet, save_backbone
 from blockdrop.train.block_costs import COSTS, CostTable, block_costs, block_latency, cost_table, shares
 
 # (depth, image shape) of the backbones checked: ResNet-20 on Fashion-MNIST's 28x28, ResNet-32 on CIFAR's 32x32
@@ -64,10 +73,15 @@ def test_latency_table_is_measured_positive_and_sums_to_one() -> None:
     assert sum(row["weight"] for row in written["blocks"]) == pytest.approx(1.0, abs=1e-12)
 
 
-def test_block_latency_times_every_block_of_its_device() -> None:
-    backbone = cifar_resnet(20, 10, 3)
-    seconds = block_latency(backbone, (3, 32, 32), batch_size=4, warmup=1, repeats=3)
+@pytest.mark.parametrize(("device", "precision"), [("cpu", "fp32"), pytest.param(
+    "cuda", "bf16", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"))])
+def test_block_latency_times_every_block_on_its_device(device: str, precision: str) -> None:
+    backbone = cifar_resnet(20, 10, 3).to(device, memory_format=torch.channels_last)
+    seconds = block_latency(backbone, (3, 32, 32), batch_size=4, precision=precision, warmup=1, repeats=3)
     assert seconds.shape == (9,) and seconds.dtype == torch.float64 and (seconds > 0).all()
+    table = cost_table("latency", backbone, (3, 32, 32), batch_size=4, precision=precision)
+    assert table.device.startswith(device) and table.weights.sum().item() == pytest.approx(1.0, abs=1e-12)
+    assert table.flops == count_flops(cifar_resnet(20, 10, 3), (3, 32, 32)).blocks  # counted on a CPU copy
 
 
 def test_a_resumed_run_takes_the_saved_table() -> None:
@@ -88,3 +102,36 @@ def test_unknown_cost_and_bad_costs_are_refused() -> None:
     for bad in ([0.0, 0.0], [2.0, -1.0]):
         with pytest.raises(ValueError, match="non-negative with a positive sum"):
             shares(torch.tensor(bad))
+
+
+@pytest.mark.e2e
+def test_the_curriculum_stage_measures_writes_and_logs_its_latency_table(tmp_path: Path) -> None:
+    # A tiny project with curriculum.cost: latency, a random ResNet-20 as its backbone and one short epoch: the
+    # stage times the blocks, trains with their shares, writes the table as its DVC out and logs it to its run.
+    root = make_tiny_repo(tmp_path / "repo", {"curriculum": {"cost": "latency", "epochs": 1, "images_per_epoch": 64,
+                                                             "val_images": 32}})
+    env = {k: v for k, v in os.environ.items()
+           if k not in {tracking.PARENT_ENV, "DVC_EXP_NAME", "DVC_ROOT", "BLOCKDROP_ROOT"}}
+    env["MLFLOW_TRACKING_URI"] = uri = f"sqlite:///{root / 'mlflow.db'}"
+    for stage in ("prepare", "curriculum"):
+        if stage == "curriculum":
+            torch.manual_seed(0)
+            save_backbone(cifar_resnet(20, 10, 1), root / "models" / "backbone.pt")
+        done = subprocess.run([sys.executable, "-m", f"pipelines.{stage}"], cwd=root, env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    table = json.loads((root / "reports/curriculum/block_costs.json").read_text())
+    assert table["cost"] == "latency" and table["num_blocks"] == 9 and table["batch_size"] == 64
+    assert table["device"] == "cpu" and table["timed_rounds"] > 0
+    weights = [row["weight"] for row in table["blocks"]]
+    seconds = [row["latency_s"] for row in table["blocks"]]
+    assert all(w > 0 for w in weights) and sum(weights) == pytest.approx(1.0, abs=1e-12)
+    assert all(s > 0 for s in seconds)
+    assert weights == pytest.approx([s / sum(seconds) for s in seconds], rel=1e-12)
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.stage = 'curriculum'")
+    assert run.data.params["curriculum.cost"] == "latency"
+    assert "reports/curriculum/block_costs.json" in {a.path for a in client.list_artifacts(run.info.run_id,
+                                                                                           "reports/curriculum")}
+    logged = client.download_artifacts(run.info.run_id, "reports/curriculum/block_costs.json", str(tmp_path))
+    assert json.loads(Path(logged).read_text()) == table
