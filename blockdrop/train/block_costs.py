@@ -19,6 +19,7 @@ whether the block does or not.
 from __future__ import annotations
 
 import copy
+import logging
 import statistics
 import time
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from blockdrop.runtime import autocast
 
 __all__ = ["COSTS", "CostTable", "block_costs", "block_flops", "block_latency", "cost_table", "shares"]
 
+log = logging.getLogger(__name__)
 COSTS: tuple[str, ...] = get_args(Cost)  # blocks, flops, latency
 WARMUP_ROUNDS = 3  # untimed passes first: allocator, kernel selection, caches
 TIMED_ROUNDS = 10  # then this many timed passes; each block's time is its median
@@ -167,7 +169,10 @@ def cost_table(kind: str, backbone: BlockResNet, image_shape: tuple[int, ...], *
         summed = all_reduce_sum(dist, {str(t): s for t, s in enumerate(seconds.tolist())})
         seconds = torch.tensor([summed[str(t)] / dist.world for t in range(len(seconds))], dtype=torch.float64)
     device = str(next(backbone.parameters()).device)
-    return CostTable(kind, shares(seconds), flops, tuple(seconds.tolist()), batch_size, device, precision)
+    table = CostTable(kind, shares(seconds), flops, tuple(seconds.tolist()), batch_size, device, precision)
+    log.info("block costs: latency at batch %d on %s (%s), weights %s", batch_size, device, precision,
+             " ".join(f"{w:.3f}" for w in table.weights.tolist()))
+    return table
 
 
 def block_costs(kind: str, backbone: BlockResNet, image_shape: tuple[int, ...], **kwargs: Any) -> torch.Tensor:
