@@ -1,10 +1,11 @@
 """What running each residual block costs: the per-block weights of the reward's usage term.
 
 The paper's reward for a correct prediction is ``1 - u^2`` with ``u`` the fraction of the K blocks run, as if
-every block cost the same (``cost: blocks``). On real hardware they do not: a CIFAR stage-first block does half
-the FLOPs of its neighbours, and an early 16-channel block on a 28x28 map takes more time per FLOP than a late
-64-channel one on 7x7. With per-block weights ``w_k`` summing to 1, ``u = sum_k w_k a_k`` charges each block its
-share of the cost:
+every block cost the same (``cost: blocks``). On real hardware they do not: a CIFAR stage-first block does 3/4
+of the FLOPs of its neighbours (its first convolution has half the input channels), and time per FLOP depends on
+the map's size and channels (an early 16-channel block on a 28x28 map is not timed like a late 64-channel one on
+7x7), on the batch and on the device. With per-block weights ``w_k`` summing to 1, ``u = sum_k w_k a_k``
+charges each block its share of the cost:
 
 * ``blocks``: ``w_k = 1/K``, the paper's reward. :class:`CostTable` then hands :func:`blockdrop.rl.reward` no
   weights at all, so it keeps computing ``blocks / K`` as it always did (a sum of 1/K weights rounds differently).
