@@ -48,6 +48,9 @@ def _yaml11_float(value: Any) -> Any:
 Float = Annotated[float, BeforeValidator(_yaml11_float)]
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
+# What running a block costs in the reward's usage term: the paper's 1/K each, or the block's share of the FLOPs
+# or of the measured time (curriculum.cost, finetune.cost)
+Cost = Literal["blocks", "flops", "latency"]
 Fraction = Annotated[Float, Field(ge=0.0, le=1.0)]
 PositiveFloat = Annotated[Float, Field(gt=0.0)]
 NonNegFloat = Annotated[Float, Field(ge=0.0)]
@@ -208,6 +211,9 @@ class Curriculum(Section):
     # The later epochs still run (their rows stay in the history), as the authors' run went on past the
     # checkpoint their README finetunes from.
     keep_epoch: NonNegInt = 0
+    # What a block costs in the reward's usage term (blockdrop/train/block_costs.py): blocks: 1/K each (the
+    # paper's) | flops: its share of the blocks' FLOPs | latency: its share of their times, measured at the start
+    cost: Cost = "blocks"
 
     @model_validator(mode="after")
     def _kept_epoch_runs(self) -> Curriculum:
@@ -234,6 +240,7 @@ class Finetune(Section):
     lr_decay: Annotated[Float, Field(gt=0.0, le=1.0)] = 0.1
     crop_padding: NonNegInt = 4
     flip: bool = True
+    cost: Cost = "blocks"  # what a block costs in the reward: blocks (the paper's) | flops | latency (as curriculum's)
 
     @model_validator(mode="after")
     def _decay_within_training(self) -> Finetune:

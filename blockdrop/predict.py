@@ -67,13 +67,15 @@ def run_policy(
     return torch.cat(all_logits), torch.cat(all_actions)
 
 
-def policy_summary(logits: torch.Tensor, actions: torch.Tensor, labels: torch.Tensor, penalty: float) -> dict:
-    """Accuracy, blocks used (mean, std) and mean reward of a greedy run."""
+def policy_summary(logits: torch.Tensor, actions: torch.Tensor, labels: torch.Tensor, penalty: float,
+                   weights: torch.Tensor | None = None) -> dict:
+    """Accuracy, blocks used (mean, std) and mean reward of a greedy run (``weights``: the blocks' shares of the
+    cost in the reward, as :func:`blockdrop.rl.reward`)."""
     correct = logits.argmax(1) == labels.cpu()
     blocks = actions.sum(1)
     return {
         "accuracy": correct.float().mean().item(),
         "blocks_mean": blocks.mean().item(),
         "blocks_std": blocks.std(unbiased=False).item(),
-        "reward": rl.reward(actions, correct, penalty).mean().item(),
+        "reward": rl.reward(actions, correct, penalty, weights).mean().item(),
     }

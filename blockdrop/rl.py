@@ -46,9 +46,15 @@ def greedy_actions(probs: torch.Tensor) -> torch.Tensor:
     return (probs >= 0.5).to(probs.dtype)
 
 
-def reward(actions: torch.Tensor, correct: torch.Tensor, penalty: float) -> torch.Tensor:
-    """Per image: ``1 - (blocks/K)^2`` if the prediction is correct, else ``-penalty``."""
-    used = actions.sum(1) / actions.shape[1]
+def reward(actions: torch.Tensor, correct: torch.Tensor, penalty: float, weights: torch.Tensor | None = None
+           ) -> torch.Tensor:
+    """Per image: ``1 - u^2`` if the prediction is correct, else ``-penalty``, where ``u`` is the used fraction.
+
+    ``weights`` None: ``u = blocks / K``, the paper's. Else ``u = sum_k w_k a_k`` with the (K,) ``weights`` summing
+    to 1, each block's share of the cost (``curriculum.cost``, ``finetune.cost``; blockdrop.train.block_costs).
+    """
+    # weights None keeps the paper's arithmetic as it was: 1/K weights summed would round differently
+    used = actions.sum(1) / actions.shape[1] if weights is None else actions @ weights.to(actions.device, actions.dtype)
     return torch.where(correct, 1 - used**2, torch.full_like(used, -penalty))
 
 

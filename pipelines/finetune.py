@@ -11,7 +11,9 @@ import torch
 
 from blockdrop import stage, tracking
 from blockdrop.data import load_split
+from blockdrop.files import write_json
 from blockdrop.models import load_backbone, load_policy, save_blockdrop
+from blockdrop.train.block_costs import cost_table
 from blockdrop.train.context import TrainContext
 from blockdrop.train.finetune import finetune_jointly
 
@@ -19,6 +21,7 @@ BACKBONE = Path("models/backbone.pt")
 POLICY = Path("models/policy_cl.pt")
 MODEL = Path("models/blockdrop.pt")
 REPORTS = Path("reports/finetune")
+COSTS = REPORTS / "block_costs.json"
 log = logging.getLogger("blockdrop.finetune")
 
 
@@ -29,11 +32,16 @@ def main() -> None:
         meta, data, normalize = stage.load_data(ctx, "train", "val")
         backbone = load_backbone(BACKBONE).to(ctx.device, memory_format=torch.channels_last)
         policy_net = load_policy(POLICY).to(ctx.device, memory_format=torch.channels_last)
+        # What each block costs in the reward (finetune.cost), timed here at this process's batch for latency
+        costs = cost_table(p.finetune.cost, backbone, meta.shape, precision=ctx.precision, dist=ctx.dist,
+                           batch_size=p.finetune.batch_size // ctx.dist.world)
         with stage.tracked_run(ctx, meta.data_sha256) as run:
             history = finetune_jointly(backbone, policy_net, data["train"], data["val"], normalize, p.finetune,
-                                       TrainContext.for_stage(ctx, run))
+                                       TrainContext.for_stage(ctx, run), costs)
             if not ctx.dist.is_main:
                 return  # rank 0 alone scores the model and writes the outputs
+            write_json(COSTS, costs.to_json())  # the table the reward used (a resumed run's: the one it began with)
+            run.log_artifacts([COSTS])
             last = history[-1]
             metrics = {
                 "val": {"accuracy": last["val/accuracy"], "blocks_mean": last["val/blocks_mean"],

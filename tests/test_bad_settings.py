@@ -47,6 +47,7 @@ STAGE_CASES = [
     ("curriculum", "curriculum: {lr: .nan}", "curriculum.lr"),
     ("curriculum", "curriculum: {alpha: null}", "curriculum.alpha"),
     ("finetune", "finetune: {lr: .inf}", "finetune.lr"),  # finished with exit 0 and a NaN model registered
+    ("finetune", "finetune: {cost: energy}", "finetune.cost"),  # blocks | flops | latency
     ("evaluate", "evaluate: {latency_warmup: 250}", "evaluate.latency_warmup"),  # + 10 > data.test_limit 256
     # data.test_limit 0 passes the schema; the prepared test split (256) is what cannot hold 300 + 10.
     ("evaluate", "{data: {test_limit: 0}, evaluate: {latency_warmup: 300}}", "evaluate.latency_warmup"),
@@ -90,6 +91,7 @@ SCHEMA_CASES = [
     ("curriculum: {beta: -0.1}", "curriculum.beta"),
     ("curriculum: {penalty: .nan}", "curriculum.penalty"),
     ("curriculum: {entropy: shannon}", "curriculum.entropy"),
+    ("curriculum: {cost: time}", "curriculum.cost"),
     ("curriculum: {keep_epoch: 9}", "curriculum.keep_epoch"),  # never reached in the tiny profile's 3 epochs
     ("finetune: {images_per_epoch: 0}", "finetune.images_per_epoch"),
     ("finetune: {alpha: .inf}", "finetune.alpha"),

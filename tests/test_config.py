@@ -69,6 +69,8 @@ MISTAKES = [
     ("finetune: {lr: .inf}", "finetune.lr"),  # non-finite floats: exit 0 with NaN weights before
     ("flow: {retry_delay_s: .nan}", "flow.retry_delay_s"),
     ("data: {val_size: 0}", "data.val_size"),  # the RL stages score the policy on val
+    ("curriculum: {cost: time}", "curriculum.cost"),  # blocks | flops | latency
+    ("finetune: {cost: Flops}", "finetune.cost"),
 ]
 
 
@@ -114,6 +116,13 @@ def test_unknown_key_message_says_unknown() -> None:
 def test_strict_types_accept_the_right_ones() -> None:
     p = parse_params(merged("finetune: {lr: 1}\npretrain: {flip: false, epochs: 7}"))
     assert p.finetune.lr == 1.0 and p.pretrain.flip is False and p.pretrain.epochs == 7
+
+
+@pytest.mark.parametrize("cost", ["blocks", "flops", "latency"])
+def test_block_costs_are_accepted(cost: str) -> None:
+    p = parse_params(merged(f"curriculum: {{cost: {cost}}}\nfinetune: {{cost: {cost}}}"))
+    assert (p.curriculum.cost, p.finetune.cost) == (cost, cost)
+    assert (Params().curriculum.cost, Params().finetune.cost) == ("blocks", "blocks")  # the paper's reward
 
 
 def test_params_are_frozen() -> None:

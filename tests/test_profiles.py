@@ -43,12 +43,13 @@ CIFAR10_R32 = {
     "curriculum.crop_padding": 4, "curriculum.flip": True, "curriculum.val_images": 0, "curriculum.unlock_every": 0,
     # cl_training.py's entropy term: -p' log p' over all K blocks; the README names no checkpoint: the last epoch
     "curriculum.entropy": "authors", "curriculum.keep_epoch": 0,
+    "curriculum.cost": "blocks",  # the paper's reward: every block costs 1/K (so in finetuning too)
     # finetune.py's defaults: Adam lr 1e-4 over both nets, batch 256, gamma 5, 2000 epochs, x0.1 at 1600,
     # the policy-gradient term summed over the batch, the dense masked forward, no extra loss
     "finetune.epochs": 2000, "finetune.images_per_epoch": 45000, "finetune.batch_size": 256, "finetune.lr": 1e-4,
     "finetune.backbone_lr": 0.0, "finetune.alpha": 0.8, "finetune.penalty": 5.0, "finetune.pg_reduction": "sum",
     "finetune.execution": "masked", "finetune.greedy_ce": 0.0, "finetune.lr_decay_epoch": 1600,
-    "finetune.lr_decay": 0.1, "finetune.crop_padding": 4, "finetune.flip": True,
+    "finetune.lr_decay": 0.1, "finetune.crop_padding": 4, "finetune.flip": True, "finetune.cost": "blocks",
 }
 CIFAR100_R32 = {**CIFAR10_R32, "data.source": "cifar100"}
 # ResNet-110: He et al. warm up at lr 0.01 for about an epoch
@@ -71,10 +72,11 @@ IMAGENET_R101 = {
     "curriculum.crop_padding": 0, "curriculum.flip": True, "curriculum.val_images": 0, "curriculum.unlock_every": 0,
     # the README finetunes from ckpt_E_4 (0-based): the policy after 5 epochs
     "curriculum.entropy": "authors", "curriculum.keep_epoch": 5,
+    "curriculum.cost": "blocks",  # the paper's reward: every block costs 1/K (so in finetuning too)
     "finetune.epochs": 10, "finetune.images_per_epoch": 1271167, "finetune.batch_size": 320, "finetune.lr": 1e-4,
     "finetune.backbone_lr": 0.0, "finetune.alpha": 0.8, "finetune.penalty": 5.0, "finetune.pg_reduction": "sum",
     "finetune.execution": "masked", "finetune.greedy_ce": 0.0, "finetune.lr_decay_epoch": 0,
-    "finetune.lr_decay": 0.1, "finetune.crop_padding": 0, "finetune.flip": True,
+    "finetune.lr_decay": 0.1, "finetune.crop_padding": 0, "finetune.flip": True, "finetune.cost": "blocks",
 }
 
 # The fast profiles: the faithful one plus exactly these departures (each listed in the profile's header).

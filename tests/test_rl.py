@@ -42,6 +42,35 @@ def test_reward_by_hand() -> None:
     assert reward(actions[2:3], correct[2:3], penalty=0.0).item() == 0.0
 
 
+def paper_reward(actions: torch.Tensor, correct: torch.Tensor, penalty: float) -> torch.Tensor:
+    """blockdrop.rl.reward as it was before per-block costs: the reference the ``blocks`` cost must equal."""
+    used = actions.sum(1) / actions.shape[1]
+    return torch.where(correct, 1 - used**2, torch.full_like(used, -penalty))
+
+
+@pytest.mark.parametrize("k", [3, 7, 15, 33, 54])
+def test_reward_without_weights_is_the_papers_bit_for_bit(k: int) -> None:
+    g = torch.Generator().manual_seed(k)
+    actions = (torch.rand(4096, k, generator=g) < 0.5).float()
+    correct = torch.rand(4096, generator=g) < 0.7
+    assert torch.equal(reward(actions, correct, 3.4), paper_reward(actions, correct, 3.4))
+    # uniform weights give the same numbers up to rounding, not bit for bit: that is why blocks passes none
+    uniform = torch.full((k,), 1 / k, dtype=torch.float64)
+    torch.testing.assert_close(reward(actions, correct, 3.4, uniform), paper_reward(actions, correct, 3.4))
+
+
+def test_reward_with_weights_by_hand() -> None:
+    weights = torch.tensor([0.4, 0.3, 0.2, 0.1], dtype=torch.float64)
+    actions = torch.tensor([[1.0, 1, 0, 0], [0, 0, 1, 1], [1, 1, 1, 1], [0, 0, 0, 0], [1, 0, 0, 0]])
+    correct = torch.tensor([True, True, True, True, False])
+    r = reward(actions, correct, 5.0, weights)
+    # u = 0.7: 1 - 0.49; u = 0.3: 1 - 0.09; every block: 0; none: 1; wrong: -5 whatever it used
+    torch.testing.assert_close(r, torch.tensor([0.51, 0.91, 0.0, 1.0, -5.0]))
+    assert r.dtype == actions.dtype  # the weights follow the actions' dtype
+    # the same number of blocks earns less when they are the costly ones
+    assert reward(actions[:1], correct[:1], 5.0, weights) < reward(actions[1:2], correct[1:2], 5.0, weights)
+
+
 def test_curriculum_mask_by_hand() -> None:
     assert curriculum_mask(0, 5).tolist() == [False, False, False, False, True]
     assert curriculum_mask(2, 5).tolist() == [False, False, True, True, True]

@@ -7,9 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from blockdrop import rl
 from blockdrop.config import Curriculum, Finetune
 from blockdrop.data import Normalize, Split
 from blockdrop.models import cifar_resnet, policy_resnet8
+from blockdrop.train.block_costs import CostTable, cost_table
 from blockdrop.train.context import TrainContext
 from blockdrop.train.curriculum import train_curriculum
 from blockdrop.train.finetune import finetune_jointly
@@ -35,9 +37,10 @@ def models() -> tuple[torch.nn.Module, torch.nn.Module]:
     return cifar_resnet(14, 10, 1), policy_resnet8(K, 1)
 
 
-def train_tiny(train, cfg: Curriculum | Finetune, state: Path, interrupt_after: int | None = None):
+def train_tiny(train, cfg: Curriculum | Finetune, state: Path, interrupt_after: int | None = None,
+               costs: CostTable | None = None):
     """Run an RL stage (``train_curriculum`` or ``finetune_jointly``) on tiny data with fresh models;
-    return its history and the two trained models."""
+    return its history and the two trained models. ``costs``: the blocks' costs in the reward."""
     backbone, policy = models()
 
     def on_epoch(row: dict) -> None:
@@ -45,7 +48,7 @@ def train_tiny(train, cfg: Curriculum | Finetune, state: Path, interrupt_after: 
             raise Interrupt
 
     history = train(backbone, policy, tiny_split(96, 1), tiny_split(40, 2), Normalize([0.2], [0.3], "cpu"),
-                    cfg, TrainContext(torch.Generator().manual_seed(0), "fp32", state, "key", on_epoch))
+                    cfg, TrainContext(torch.Generator().manual_seed(0), "fp32", state, "key", on_epoch), costs=costs)
     return history, backbone, policy
 
 
@@ -132,3 +135,75 @@ def test_finetune_backbone_lr_sets_the_backbone_step(tmp_path: Path) -> None:
 
     assert largest_step(backbone, backbone0) == pytest.approx(4e-3, rel=1e-3)
     assert largest_step(policy, policy0) == pytest.approx(1e-3, rel=1e-3)
+
+
+# --- the blocks' costs in the reward (curriculum.cost, finetune.cost) ------------------------------------------
+
+STAGES = {"curriculum": (train_curriculum, Curriculum(epochs=2, images_per_epoch=64, batch_size=32, crop_padding=2)),
+          "finetune": (finetune_jointly, Finetune(epochs=2, images_per_epoch=64, batch_size=32, crop_padding=2))}
+
+
+def paper_reward(actions: torch.Tensor, correct: torch.Tensor, penalty: float, weights=None) -> torch.Tensor:
+    """The reward as blockdrop.rl computed it before per-block costs: ``1 - (blocks/K)^2`` or ``-penalty``."""
+    assert weights is None, "cost blocks must hand the reward no weights"
+    used = actions.sum(1) / actions.shape[1]
+    return torch.where(correct, 1 - used**2, torch.full_like(used, -penalty))
+
+
+def weights_of(_history, backbone, policy) -> dict[str, torch.Tensor]:
+    return {**{f"backbone.{k}": v for k, v in backbone.state_dict().items()},
+            **{f"policy.{k}": v for k, v in policy.state_dict().items()}}
+
+
+@pytest.mark.parametrize("name", sorted(STAGES))
+def test_cost_blocks_trains_bit_for_bit_as_the_papers_reward(name: str, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    # Three runs of the same steps: with the stage's `blocks` table (what the entry point builds), with no table
+    # (the loops' default), and with rl.reward replaced by the paper's formula as the code computed it before
+    # costs existed. Every weight, buffer and history number must be identical.
+    train, cfg = STAGES[name]
+    backbone, _ = models()
+    table = cost_table("blocks", backbone, (1, 16, 16))
+    runs = {"table": train_tiny(train, cfg, tmp_path / "table.pt", costs=table),
+            "none": train_tiny(train, cfg, tmp_path / "none.pt")}
+    monkeypatch.setattr(rl, "reward", paper_reward)
+    runs["paper"] = train_tiny(train, cfg, tmp_path / "paper.pt")
+    reference = weights_of(*runs["paper"])
+    for run in ("table", "none"):
+        assert runs[run][0] == runs["paper"][0], run
+        got = weights_of(*runs[run])
+        assert got.keys() == reference.keys()
+        assert [k for k in reference if not torch.equal(got[k], reference[k])] == [], run
+
+
+@pytest.mark.parametrize("name", sorted(STAGES))
+def test_cost_flops_changes_what_is_learnt(name: str, tmp_path: Path) -> None:
+    # A table that makes the first block 90% of the network's cost: another reward, another policy.
+    train, cfg = STAGES[name]
+    heavy = torch.tensor([0.9] + [0.02] * (K - 1), dtype=torch.float64)
+    paper, _, paper_policy = train_tiny(train, cfg, tmp_path / "paper.pt")
+    flops, _, flops_policy = train_tiny(train, cfg, tmp_path / "flops.pt", costs=CostTable("flops", heavy))
+    assert [r["train/reward"] for r in flops] != [r["train/reward"] for r in paper]
+    assert not torch.equal(flops_policy.fc.bias, paper_policy.fc.bias)
+
+
+@pytest.mark.parametrize("name", sorted(STAGES))
+def test_a_resumed_run_keeps_the_latency_table_it_began_with(name: str, tmp_path: Path) -> None:
+    # The entry point times the blocks again when a killed stage is rerun; the run must go on with the table its
+    # first epochs trained with (saved in the resume state), and end where an unbroken run ends.
+    train, cfg = STAGES[name]
+    measured = torch.tensor([0.3, 0.2, 0.2, 0.1, 0.1, 0.1], dtype=torch.float64)
+
+    def table(weights: torch.Tensor) -> CostTable:
+        return CostTable("latency", weights.clone(), latency_s=tuple((weights * 1e-3).tolist()))
+
+    unbroken = train_tiny(train, cfg, tmp_path / "unbroken.pt", costs=table(measured))
+    state = tmp_path / "state.pt"
+    with pytest.raises(Interrupt):
+        train_tiny(train, cfg, state, interrupt_after=1, costs=table(measured))
+    remeasured = table(torch.full((K,), 1 / K, dtype=torch.float64))
+    resumed = train_tiny(train, cfg, state, costs=remeasured)
+    assert torch.equal(remeasured.weights, measured)
+    assert resumed[0] == unbroken[0]
+    assert all(torch.equal(a, b) for a, b in zip(weights_of(*resumed).values(), weights_of(*unbroken).values(),
+                                                 strict=True))

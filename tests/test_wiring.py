@@ -150,6 +150,57 @@ def test_policy_gradient_step_reinforces_samples_that_beat_greedy() -> None:
     assert (change[~better & ~worse] == 0).all()  # A = 0: nothing to learn from that image
 
 
+class Shared(nn.Module):
+    """A stand-in policy network with one (K,) logit parameter shared by every image."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        super().__init__()
+        self.logits = nn.Parameter(logits.clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits.expand(len(x), -1)
+
+
+def logit_step(weights: torch.Tensor | None, n: int = 4000) -> torch.Tensor:
+    """The change of each block's logit after one SGD step from p = 0.5, every image right whatever it runs."""
+    k = 4
+    policy = Shared(torch.zeros(k))
+    x = torch.ones(n, 1, 2, 2)  # robust: every policy is correct, so only the usage term differs
+    r = rollout(Oracle(k), policy, x, torch.zeros(n, dtype=torch.long), alpha=0.8, penalty=1.0,
+                learnable=torch.ones(k, dtype=torch.bool), generator=torch.Generator().manual_seed(0), weights=weights)
+    correct = torch.ones(n, dtype=torch.bool)
+    assert torch.equal(r.reward, rl.reward(r.actions, correct, 1.0, weights))
+    assert torch.equal(r.baseline, rl.reward(r.greedy, correct, 1.0, weights))
+    optimizer = torch.optim.SGD(policy.parameters(), lr=1.0)
+    rl.policy_gradient_loss(r.bounded, r.actions, r.advantage).backward()
+    optimizer.step()
+    return policy.logits.detach().clone()
+
+
+def test_a_costly_block_is_penalised_more_than_a_cheap_one() -> None:
+    # cost flops / latency: block 0 weighs 0.7 of the network, each other 0.1. Running block 0 then costs far more
+    # of the reward (1 - u^2) than running another, so one policy-gradient step lowers its probability most: in
+    # expectation the step is proportional to Cov(A, a_k), -0.175 for block 0 and -0.025 for the others (p = 0.5).
+    # With the paper's cost (no weights) every block pays 1/4, and they all move alike (-0.0625 each).
+    heavy = logit_step(torch.tensor([0.7, 0.1, 0.1, 0.1], dtype=torch.float64))
+    assert (heavy < 0).all()  # running any block costs something
+    assert heavy[0] < 3 * heavy[1:].min()
+    uniform = logit_step(None)
+    assert (uniform < 0).all()
+    assert uniform.max() - uniform.min() < 0.5 * uniform.abs().mean()  # sampling noise only (here 0.3)
+    assert heavy[0] < uniform.min() and heavy[1:].max() > uniform.max()
+
+
+def test_the_rollouts_baseline_pays_the_same_block_costs() -> None:
+    # Greedy keeps blocks 0 and 2 (p >= 0.5): with weights (0.7, 0.1, 0.1, 0.1) it uses 0.8 of the network and
+    # earns 1 - 0.64, not the 1 - 0.25 of two blocks in four.
+    n, weights = 8, torch.tensor([0.7, 0.1, 0.1, 0.1], dtype=torch.float64)
+    r = rollout(Oracle(4), Shared(torch.tensor([1.0, -1.0, 1.0, -1.0])), torch.ones(n, 1, 2, 2),
+                torch.zeros(n, dtype=torch.long), alpha=0.8, penalty=1.0, learnable=torch.ones(4, dtype=torch.bool),
+                generator=torch.Generator().manual_seed(0), weights=weights)
+    torch.testing.assert_close(r.baseline, torch.full((n,), 1 - 0.8**2))
+
+
 @pytest.mark.parametrize("alpha", [0.8, 0.3])
 def test_greedy_actions_come_from_the_unbounded_probabilities(alpha: float) -> None:
     # For alpha > 0.5 bounding keeps p on its side of 0.5, so p and p' give the same greedy actions; with

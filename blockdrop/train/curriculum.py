@@ -25,6 +25,7 @@ from blockdrop.dist import all_reduce_sum, data_parallel, sync_batchnorm
 from blockdrop.models import BlockResNet, PolicyNet
 from blockdrop.predict import policy_summary, run_policy
 from blockdrop.runtime import compiled
+from blockdrop.train.block_costs import CostTable
 from blockdrop.train.context import TrainContext
 from blockdrop.train.guard import check_step, check_weights
 from blockdrop.train.rollout import rollout
@@ -69,11 +70,19 @@ def train_curriculum(
     cfg: Curriculum,
     loop: TrainContext,
     kept: KeptPolicy | None = None,
+    costs: CostTable | None = None,
 ) -> list[dict[str, float]]:
     """Train ``policy_net`` in place; return one history row per epoch.
 
     ``kept`` (with ``cfg.keep_epoch`` > 0): receives the policy's weights after that epoch, and travels in the
     resume state (the default, without it, leaves the resume state as it was).
+
+    ``costs`` (``curriculum.cost``): what each block costs in the reward (None: 1/K each, the paper's). A table
+    measured at the stage's start (latency) travels in the resume state, so a resumed run keeps its weights.
+    While only the last blocks are learnable, the forced-on blocks count as run (``a_k = 1``) with their own
+    weights, as the paper's ``blocks / K`` counts them: the used fraction is always of the whole network, its
+    floor is the forced-on blocks' share, and the policy moves it through the learnable blocks' weights alone. So
+    a reward means the same in every epoch, and once every block is unlocked it is finetuning's reward.
 
     ``loop.compile_model``: the training forwards run through ``torch.compile``; the networks passed in keep
     the weights. ``loop.dist``: rank 0 alone validates, saves the resume state and calls
@@ -87,7 +96,10 @@ def train_curriculum(
     parts = {"policy": policy_net, "optimizer": optimizer}
     if kept is not None and cfg.keep_epoch:
         parts["kept"] = kept
+    if costs is not None and costs.measured:
+        parts["costs"] = costs
     start, history = loop.resume(parts)  # calls loop.on_resume when it continues a killed run
+    weights = None if costs is None else costs.reward_weights  # after resume: the table the run began with
     num_blocks = backbone.num_blocks
     steps = dist.steps(min(cfg.images_per_epoch, len(train)), cfg.batch_size)
     scored = val.head(cfg.val_images)  # a per-epoch curve only: it draws no random numbers, changes no weights
@@ -96,7 +108,7 @@ def train_curriculum(
     # logits, and its shapes do not change with the actions, so one graph serves every step.
     step_rollout = data_parallel(dist, lambda x, y, learnable: rollout(
         backbone_fwd, policy_fwd, x, y, alpha=cfg.alpha, penalty=cfg.penalty, learnable=learnable,
-        generator=generator, precision=precision, masked=loop.compile_model, dist=dist), [policy_net],
+        generator=generator, precision=precision, masked=loop.compile_model, dist=dist, weights=weights), [policy_net],
         skips_blocks=False)
 
     for epoch in range(start, cfg.epochs):
@@ -131,7 +143,7 @@ def train_curriculum(
         # blocks stay on.
         logits, actions = run_policy(backbone, policy_net, scored, normalize, precision=precision,
                                      learnable=learnable)
-        summary = policy_summary(logits, actions, scored.labels, cfg.penalty)
+        summary = policy_summary(logits, actions, scored.labels, cfg.penalty, weights)
         row = {
             "epoch": epoch + 1, "unlocked_blocks": int(learnable.sum()),
             **{f"train/{k}": v / seen for k, v in totals.items()},

@@ -28,6 +28,7 @@ from blockdrop.dist import all_reduce_sum, data_parallel, sync_batchnorm
 from blockdrop.models import BlockResNet, PolicyNet
 from blockdrop.predict import policy_summary, run_policy
 from blockdrop.runtime import compiled
+from blockdrop.train.block_costs import CostTable
 from blockdrop.train.context import TrainContext
 from blockdrop.train.guard import check_step, check_weights
 from blockdrop.train.rollout import rollout
@@ -51,6 +52,7 @@ def finetune_jointly(
     normalize: Normalize,
     cfg: Finetune,
     loop: TrainContext,
+    costs: CostTable | None = None,
 ) -> list[dict[str, float]]:
     """Train ``backbone`` and ``policy_net`` in place; return one history row per epoch.
 
@@ -60,6 +62,8 @@ def finetune_jointly(
     ``loop.sync_bn``: on GPUs, synchronised BatchNorm where every rank runs every layer: the policy network,
     and the backbone with ``execution: masked`` only (the sparse forward skips blocks per image, so a rank may
     not enter a block the others do).
+    ``costs`` (``finetune.cost``): what each block costs in the reward (None: 1/K each, the paper's); a table
+    measured at the stage's start (latency) travels in the resume state, so a resumed run keeps its weights.
     """
     generator, precision, dist = loop.generator, loop.precision, loop.dist
     backbone.requires_grad_(True)
@@ -70,7 +74,10 @@ def finetune_jointly(
     optimizer = torch.optim.Adam([{"params": policy_net.parameters()},
                                   {"params": backbone.parameters(), "lr": base_lrs[1]}], lr=base_lrs[0])
     parts = {"policy": policy_net, "backbone": backbone, "optimizer": optimizer}
+    if costs is not None and costs.measured:
+        parts["costs"] = costs
     start, history = loop.resume(parts)  # calls loop.on_resume when it continues a killed run
+    weights = None if costs is None else costs.reward_weights  # after resume: the table the run began with
     all_blocks = torch.ones(backbone.num_blocks, dtype=torch.bool)
     steps = dist.steps(min(cfg.images_per_epoch, len(train)), cfg.batch_size)
     backbone_fwd, policy_fwd = compiled(backbone, loop.compile_model), compiled(policy_net, loop.compile_model)
@@ -81,7 +88,7 @@ def finetune_jointly(
     step_rollout = data_parallel(dist, lambda x, y: rollout(
         backbone_fwd, policy_fwd, x, y, alpha=cfg.alpha, penalty=cfg.penalty, learnable=all_blocks,
         generator=generator, precision=precision, backbone_grad=True, greedy_grad=cfg.greedy_ce > 0,
-        masked=masked, skip_unused=masked and not dist.enabled, dist=dist), [policy_net, backbone],
+        masked=masked, skip_unused=masked and not dist.enabled, dist=dist, weights=weights), [policy_net, backbone],
         skips_blocks=not masked)
 
     for epoch in range(start, cfg.epochs):
@@ -117,7 +124,7 @@ def finetune_jointly(
         if not dist.is_main:
             continue  # rank 0 validates and saves; the others wait for it in the next step's gradient exchange
         logits, actions = run_policy(backbone, policy_net, val, normalize, precision=precision)
-        summary = policy_summary(logits, actions, val.labels, cfg.penalty)
+        summary = policy_summary(logits, actions, val.labels, cfg.penalty, weights)
         row = {
             "epoch": epoch + 1, **{f"train/{k}": v / seen for k, v in totals.items()},
             "val/accuracy": summary["accuracy"], "val/blocks_mean": summary["blocks_mean"],

@@ -52,6 +52,7 @@ def rollout(
     masked: bool = False,
     skip_unused: bool = False,
     dist: Dist = SINGLE,
+    weights: torch.Tensor | None = None,
 ) -> Rollout:
     """Sample actions from the policy on ``x`` and score both them and the greedy actions on ``y``.
 
@@ -62,6 +63,7 @@ def rollout(
     must measure the policies' difference, not a difference between two ways of running the backbone.
     ``skip_unused`` (with ``masked``): a block no image of the batch keeps is not run, as the authors' forward.
     ``dist``: ``x`` is this rank's part of a global batch; the samples are drawn for the whole of it.
+    ``weights``: the blocks' shares of the cost in the reward (:func:`blockdrop.rl.reward`; None: 1/K each).
     """
     with autocast(precision, x.device):
         probs = torch.sigmoid(policy_net(x).float())
@@ -78,6 +80,6 @@ def rollout(
     greedy_correct = greedy_logits.detach().argmax(1) == y
     return Rollout(
         bounded=bounded, actions=actions, greedy=greedy, logits=logits, greedy_logits=greedy_logits,
-        reward=rl.reward(actions, logits.detach().argmax(1) == y, penalty),
-        baseline=rl.reward(greedy, greedy_correct, penalty), greedy_correct=greedy_correct,
+        reward=rl.reward(actions, logits.detach().argmax(1) == y, penalty, weights),
+        baseline=rl.reward(greedy, greedy_correct, penalty, weights), greedy_correct=greedy_correct,
     )
