@@ -9,6 +9,10 @@ table shows the median over rounds of images/s and of the paired per-round speed
 time), next to the FLOPs ratio of exactly those images (paper convention, policy network included) and the
 speedup divided by it: 1.0 would mean the measured time falls exactly as the FLOPs do.
 
+Without ``models/blockdrop.pt`` the models are seeded random ResNet-32 and ResNet-8 and the actions come from
+a fixed set of policies (``bench/inference_models.py``); ``--min-stretch inf`` times the engine with every
+partly kept block gathered and scattered instead of run on the sorted batch's stretches.
+
     python bench/inference.py                          # models/ and data/prepared of this workspace
     python bench/inference.py --models-dir /other/models --data-dir /other/data/prepared --threads 1
     python bench/inference.py --random                 # random images (say so in any number you quote)
@@ -20,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -28,37 +31,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from inference_models import blockdrop_runner, cpu_model, load_models, synthetic_actions
 
 from blockdrop.data import Normalize, load_meta, load_split
 from blockdrop.flops import count_flops
-from blockdrop.inference import BatchedSkippingPredictor, FullPredictor
-from blockdrop.models import BlockResNet, PolicyNet, cifar_resnet, load_backbone, load_blockdrop, policy_resnet8
+from blockdrop.inference import MIN_STRETCH, BatchedSkippingPredictor, FullPredictor
 
-GOALS = {1: 0.9, 64: 0.8, 256: 0.8}  # speedup / FLOPs ratio (docs/benchmarks.md, batched inference)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def load_models(models_dir: Path) -> tuple[BlockResNet, BlockResNet, PolicyNet, str]:
-    """(full backbone, finetuned backbone, policy network, a note on where they came from)."""
-    bd_path, full_path = models_dir / "blockdrop.pt", models_dir / "backbone.pt"
-    if not bd_path.exists():
-        torch.manual_seed(0)
-        backbone, policy = cifar_resnet(32, 10, 1).eval(), policy_resnet8(15, 1).eval()
-        return backbone, backbone, policy, f"RANDOM WEIGHTS ({bd_path} missing): ResNet-32 + ResNet-8, 1 channel"
-    backbone, policy = load_blockdrop(bd_path)
-    if full_path.exists():
-        return load_backbone(full_path), backbone, policy, f"{full_path} (full), {bd_path} (BlockDrop)"
-    # same architecture, so the same time: only the full side's accuracy would differ
-    return backbone, backbone, policy, f"{bd_path}; {full_path} missing: full = its backbone with every block on"
+GOALS = {1: 0.9, 64: 0.85, 256: 0.85}  # speedup / FLOPs ratio (docs/benchmarks.md, batched inference)
 
 
 def load_images(args: argparse.Namespace, in_channels: int, n: int) -> tuple[torch.Tensor, torch.Tensor | None, str]:
@@ -75,19 +54,20 @@ def load_images(args: argparse.Namespace, in_channels: int, n: int) -> tuple[tor
     return x, test.labels[:n], f"the first {n} test images of {args.data_dir} ({meta.source})"
 
 
-def time_pair(full: Callable, bd: Callable, batches: list[torch.Tensor], rounds: int) -> dict[str, list[float]]:
+def time_pair(full: Callable, bd: Callable, batches: list[tuple[torch.Tensor, torch.Tensor]], rounds: int
+              ) -> dict[str, list[float]]:
     """Seconds per round (one pass over ``batches``) of each predictor; each batch goes through both,
     alternating which goes first, so drift in the machine's speed hits both alike."""
-    for x in batches[:2]:  # warm-up: allocator, oneDNN primitives for these shapes
-        full(x), bd(x)
+    for x, actions in batches[:2]:  # warm-up: allocator, oneDNN primitives for these shapes
+        full(x), bd(x, actions)
     times: dict[str, list[float]] = {"full": [], "blockdrop": []}
     for r in range(rounds):
         total = {"full": 0.0, "blockdrop": 0.0}
-        for j, x in enumerate(batches):
-            order = [("full", full), ("blockdrop", bd)]
+        for j, (x, actions) in enumerate(batches):
+            order = [("full", lambda x, _: full(x)), ("blockdrop", bd)]
             for name, fn in order if (r + j) % 2 else order[::-1]:
                 t0 = time.perf_counter()
-                fn(x)
+                fn(x, actions)
                 total[name] += time.perf_counter() - t0
         for name, seconds in total.items():
             times[name].append(seconds)
@@ -104,6 +84,9 @@ def main() -> None:
     parser.add_argument("--batch-sizes", default="1,16,64,256")
     parser.add_argument("--images", type=int, default=256, help="images per round (a multiple of every batch size)")
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--min-stretch", type=float, default=MIN_STRETCH,
+                        help="FastResNet.min_stretch: images per stretch, on average, for a block to run in place on "
+                             "the sorted batch's stretches (inf: every partly kept block gathered and scattered)")
     args = parser.parse_args()
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     if any(args.images % b for b in sizes):
@@ -111,19 +94,23 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    full_net, backbone, policy_net, models_note = load_models(args.models_dir)
+    full_net, backbone, policy_net, synthetic, models_note = load_models(args.models_dir, args.size)
     x, labels, images_note = load_images(args, backbone.in_channels, args.images)
-    full, bd = FullPredictor(full_net), BatchedSkippingPredictor(backbone, policy_net)
+    full, predictor = FullPredictor(full_net), BatchedSkippingPredictor(backbone, policy_net)
+    predictor.fast.min_stretch = args.min_stretch
+    bd = blockdrop_runner(predictor, synthetic)
+    chosen = synthetic_actions(len(x), backbone.num_blocks).float()
 
     print(f"CPU: {cpu_model()}, {os.cpu_count()} logical CPUs; load average {os.getloadavg()[0]:.2f} at start")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; fp32; "
-          f"{args.rounds} rounds x {args.images} images per batch size")
+          f"{args.rounds} rounds x {args.images} images per batch size; min_stretch {args.min_stretch:g}")
     print(f"models: {models_note}")
     print(f"images: {images_note}")
 
     # What is timed computes what the model computes: the logits of the model's own forward under the
     # same greedy actions (BatchNorm unfolded, per-image sub-batches of BlockResNet.forward).
-    bd_logits, keep = bd(x)
+    bd_logits, keep = bd(x, chosen)
+    keep = keep > 0.5
     with torch.inference_mode():
         reference = backbone(x, keep.float())
         full_logits = full(x)
@@ -148,7 +135,7 @@ def main() -> None:
     results = {}
     t0 = time.perf_counter()
     for b in sizes:
-        times = time_pair(full, bd, list(x.split(b)), args.rounds)
+        times = time_pair(full, bd, list(zip(x.split(b), chosen.split(b), strict=True)), args.rounds)
         rate = {name: args.images / statistics.median(ts) for name, ts in times.items()}
         speedup = statistics.median(f / d for f, d in zip(times["full"], times["blockdrop"], strict=True))
         share = speedup / flops_ratio

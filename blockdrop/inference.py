@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from blockdrop.batch_plan import BatchPlan, plan_batch
 from blockdrop.models import BasicBlock, BlockResNet, BottleneckBranch, PolicyNet, PolicyResNet8
 
 M = TypeVar("M", bound=nn.Module)
@@ -72,6 +73,8 @@ def _prepared(model: M) -> M:
 
 Branch = Callable[[torch.Tensor], torch.Tensor]
 
+MIN_STRETCH = 16.0  # images per stretch, on average, for a block to run in place on them (bench/inference.py)
+
 
 def _direct(block: nn.Module) -> Branch:
     """A folded residual branch as direct ``F.conv2d`` calls, or the module itself when its layout is unknown.
@@ -97,14 +100,20 @@ def _direct(block: nn.Module) -> Branch:
 
 class FastResNet:
     """A ``BlockResNet`` made ready for inference: BatchNorm folded, channels_last, branches as direct
-    convolution calls. ``fast(x, keep)`` runs block t only on the images where ``keep[:, t]`` holds."""
+    convolution calls. ``fast(x, keep)`` runs block t only on the images where ``keep[:, t]`` holds.
 
-    def __init__(self, net: BlockResNet) -> None:
+    ``min_stretch``: in a batch, a block runs in place on each stretch of consecutive images (the batch
+    sorted by policy, :mod:`blockdrop.batch_plan`) that keeps it when its stretches hold at least this
+    many images on average, else once on its keepers gathered into one sub-batch and scattered back.
+    """
+
+    def __init__(self, net: BlockResNet, min_stretch: float = MIN_STRETCH) -> None:
         self.net = _prepared(net)
         self.branches = [_direct(b) for b in self.net.blocks]
         # None: an identity shortcut, the residual is x itself (no call)
         self.shortcuts = [None if isinstance(s, nn.Identity) else s for s in self.net.shortcuts]
         self.stem = [m for m in self.net.stem if not isinstance(m, nn.Identity)]
+        self.min_stretch = min_stretch
 
     def __call__(self, x: torch.Tensor, keep: torch.Tensor | None = None, counts: list[int] | None = None
                  ) -> torch.Tensor:
@@ -112,30 +121,47 @@ class FastResNet:
         every block on); ``counts`` (K ints, the images keeping each block) when the caller has them.
 
         A block kept by all B images runs on the whole batch, one kept by none is not called, otherwise it
-        runs once on the sub-batch that keeps it, gathered and scattered back by whole-tensor indexing: no
-        Python work per image. Every image goes through the shortcut, so a dropped stage-first block still
-        downsamples (pools and zero-pads on CIFAR, 1x1 conv on ImageNet), exactly as
-        ``BlockResNet.forward(x, policy)`` does; the logits are that forward's.
+        runs on its keepers only: in place on the stretches of the sorted batch, or gathered and scattered
+        back by whole-tensor indexing; no Python work per image either way. Every image goes through the
+        shortcut, so a dropped stage-first block still downsamples (pools and zero-pads on CIFAR, 1x1 conv
+        on ImageNet), exactly as ``BlockResNet.forward(x, policy)`` does; the logits are that forward's, in
+        the input's order.
         """
         n = len(x)
         if keep is None:
-            counts = [n] * len(self.branches)
-        elif counts is None:
-            counts = keep.sum(0).tolist()  # the one device-to-host sync of a batch
-        rows: tuple[torch.Tensor, ...] = ()
-        if any(0 < c < n for c in counts):
-            # the images keeping each block, for all blocks at once: nonzero of keep^T lists (block, image)
-            # pairs sorted by block, so splitting by the counts gives each block's rows in ascending order
-            rows = keep.t().nonzero()[:, 1].split(counts)
+            return self.net.head(self._blocks(self._stem(x), [n] * len(self.branches), None))
+        if n == 1:  # one image: every block is run on it or not at all, nothing to sort
+            counts = counts if counts is not None else keep.sum(0).tolist()
+            return self.net.head(self._blocks(self._stem(x), counts, None))
+        plan = plan_batch(keep)
+        if plan.order is not None:
+            x = x[plan.order]  # the input images, sorted by policy: the one reordering of the batch
+        logits = self.net.head(self._blocks(self._stem(x), plan.counts, plan))
+        return logits if plan.restore is None else logits[plan.restore]
+
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
         for m in self.stem:
             x = m(x)
+        return x
+
+    def _blocks(self, x: torch.Tensor, counts: list[int], plan: BatchPlan | None) -> torch.Tensor:
+        n = len(x)
         for t, (branch, shortcut, count) in enumerate(zip(self.branches, self.shortcuts, counts, strict=True)):
             residual = x if shortcut is None else shortcut(x)
             if count == n:
                 # in place on the branch's fresh output: two fewer allocations than relu(a + b)
                 x = branch(x).add_(residual).relu_()
-            elif count:
-                idx = rows[t]
+            elif not count:
+                x = residual
+            elif plan is not None and count >= self.min_stretch * len(plan.runs[t]):
+                # x and residual are this forward's own tensors (stem output onwards), so writing into a
+                # stretch of them is safe; the branch reads its stretch before the write
+                for a, b in plan.runs[t]:
+                    residual[a:b].add_(branch(x[a:b])).relu_()
+                x = residual
+            else:
+                assert plan is not None
+                idx = plan.keep[:, t].nonzero().squeeze(1)
                 # x[idx] keeps channels_last (index_select would not); with an identity shortcut it is also
                 # the sub-batch's residual, so one gather serves both. index_copy_ then writes in place into
                 # the residual, already every image's output where the block is dropped; it may be x itself,
@@ -143,9 +169,7 @@ class FastResNet:
                 sub = x[idx]
                 out = branch(sub).add_(sub if shortcut is None else residual[idx]).relu_()
                 x = residual.index_copy_(0, idx, out)
-            else:
-                x = residual
-        return self.net.head(x)
+        return x
 
 
 def _fast_policy(policy_net: PolicyNet) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -193,7 +217,8 @@ class BatchedSkippingPredictor:
 
     Grouped by block rather than by policy: a batch of 256 test images holds dozens of distinct policies but
     only K blocks, so each convolution runs on the largest sub-batch possible and the Python work per batch
-    is K iterations, whatever the batch holds.
+    is K iterations plus one per stretch of images, whatever the batch holds. The batch is sorted by policy
+    first, so a block's keepers mostly lie in a few stretches it runs on in place (no copies).
     """
 
     def __init__(self, backbone: BlockResNet, policy_net: PolicyNet) -> None:
@@ -207,6 +232,11 @@ class BatchedSkippingPredictor:
         images = images.contiguous(memory_format=torch.channels_last)
         keep = self.policy(images) >= 0
         return self.fast(images, keep), keep
+
+    @torch.inference_mode()
+    def policy_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """The (B, K) logits of the folded policy network (block t is kept where its logit is >= 0)."""
+        return self.policy(images.contiguous(memory_format=torch.channels_last))
 
     @torch.inference_mode()
     def backbone_under(self, images: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
