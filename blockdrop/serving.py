@@ -184,7 +184,7 @@ def decode_images(cells: list[str | bytes], channels: int) -> list[torch.Tensor]
         try:
             images.append(decode_image(torch.frombuffer(bytearray(cell), dtype=torch.uint8), mode=mode))
         except RuntimeError as error:
-            reason = _WHERE.sub("", str(error).strip().splitlines()[0])
+            reason = _WHERE.sub("", str(error).strip().splitlines()[0]).split(". ")[0]  # "Unsupported image file"
             raise _bad(f"row {row}: not a readable PNG, JPEG, WebP or GIF image ({reason})") from None
     return images
 
