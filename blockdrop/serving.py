@@ -136,6 +136,9 @@ def as_images(model_input: Any, shape: list[int]) -> torch.Tensor:
             raise _bad(f"each image must be a rectangular array of pixels {layouts}, all of one shape") from None
         if model_input.dtype == object:
             raise _bad(f"each image must be a rectangular array of pixels {layouts}, all of one shape")
+        if model_input.dtype.kind in "US":  # e.g. {"inputs": {"image": [...]}}: MLflow puts a list of str in one row
+            raise _bad("expected pixels (integers 0-255) or one encoded image per row, got a list of text in a row "
+                       '(send {"dataframe_split": ...}, or {"inputs": [{"image": ...}, ...]} as records)')
         given = "images of shape " + str(model_input.shape[1:])
     else:
         if isinstance(model_input, torch.Tensor):

@@ -314,7 +314,8 @@ def test_mlflow_models_serve_answers_images_and_refuses_bad_requests(served: dic
                                                      "images of shape (27, 27)"),
             "above 255": (_split([[300] * 28] * 28), "pixels must be 0-255, got values from 300 to 300"),
             "negative": (_split([[-1] * 28] * 28), "pixels must be 0-255, got values from -1 to -1"),
-            "not numbers": (_split([["a"] * 28] * 28), "expected integer pixels 0-255 (raw, not normalised), got <U1"),
+            "not numbers": (_split([["a"] * 28] * 28), "expected pixels (integers 0-255) or one encoded image per "
+                                                       "row, got a list of text in a row"),
             "not an image": (_split("a cat"), "row 0: not a readable PNG, JPEG, WebP or GIF image (Unsupported "
                                               "image file)"),
             "not base64": (_split(base64.b64encode(_png(images[0])).decode()[:-3] + "!"), "row 0: not valid base64"),
