@@ -341,3 +341,14 @@ def test_mlflow_models_serve_answers_images_and_refuses_bad_requests(served: dic
         os.killpg(server.pid, 15)
         server.wait(timeout=30)
         log.close()
+
+
+def test_serve_divides_the_cpus_among_its_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``make serve ARGS="--workers N"`` gives each worker its share of the CPUs as torch threads, unless told."""
+    from ops.serve import worker_threads
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert [worker_threads(w) for w in (1, 2, 3, 16)] == [8, 4, 2, 1]
+    assert worker_threads(2, omp_env="3") == 3  # OMP_NUM_THREADS already set: kept
+    assert worker_threads(2, threads=1, omp_env="3") == 1  # --threads wins
+    assert worker_threads(2, omp_env="lots") == 4
