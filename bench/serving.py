@@ -16,7 +16,7 @@ Every served rate is printed as a ratio to the engine's, measured before and aft
 both), so a busy machine shows as a drift between the two, not as a wrong ratio.
 
     python bench/serving.py                    # models/blockdrop.pt and data/prepared when present
-    python bench/serving.py --workers 2 --threads 1
+    python bench/serving.py --workers 2        # 2 processes, CPUs / 2 torch threads each (as make serve)
     python bench/serving.py --models-dir /other/models --data-dir /other/data/prepared
 
 Without ``models/blockdrop.pt`` the model is a seeded random ResNet-32 with its ResNet-8 policy (the time is
@@ -52,6 +52,7 @@ from blockdrop import serving, tracking  # noqa: E402
 from blockdrop.data import load_meta, load_split  # noqa: E402
 from blockdrop.inference import BatchedSkippingPredictor  # noqa: E402
 from blockdrop.models import cifar_resnet, load_blockdrop, policy_resnet8, save_blockdrop  # noqa: E402
+from ops.serve import worker_threads  # noqa: E402
 
 ENGINE_BATCH = 64
 FASHION = (["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"],
@@ -160,8 +161,7 @@ class Server:
             self.port = s.getsockname()[1]
         env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store / 'mlflow.db'}",
                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-        if threads:
-            env["OMP_NUM_THREADS"] = str(threads)  # torch's intra-op threads in each worker
+        env["OMP_NUM_THREADS"] = str(threads)  # torch's intra-op threads in each worker, as `make serve` sets them
         cmd = [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", uri, "-h", "127.0.0.1",
                "-p", str(self.port), "-w", str(workers), "--env-manager", "local"]
         self.log = open(store / "serve.log", "w")  # noqa: SIM115  (closed in stop)
@@ -232,12 +232,12 @@ def concurrent(port: int, bodies: list[bytes], clients: int, per_client: int, pe
         with lock:
             latencies.extend(mine)
 
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
-    for t in threads:
+    pool = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    for t in pool:
         t.start()
     start.wait()
     t0 = time.perf_counter()
-    for t in threads:
+    for t in pool:
         t.join()
     return clients * per_client * per_request / (time.perf_counter() - t0), latencies
 
@@ -247,13 +247,16 @@ def main() -> None:
     parser.add_argument("--models-dir", type=Path, default=Path("models"))
     parser.add_argument("--data-dir", type=Path, default=Path("data/prepared"))
     parser.add_argument("--workers", type=int, default=1, help="mlflow models serve --workers")
-    parser.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS per worker (0: torch's default)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads per worker and for the engine here (default: CPUs / workers)")
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--per-request", type=int, default=8, help="images per request of the concurrent clients")
     parser.add_argument("--requests", type=int, default=40, help="measured requests per client and format")
     parser.add_argument("--large", type=int, default=1000, help="images in the one large request")
     parser.add_argument("--repeats", type=int, default=3, help="times the large request is sent per format")
     args = parser.parse_args()
+    threads = worker_threads(args.workers, args.threads, os.environ.get("OMP_NUM_THREADS"))
+    torch.set_num_threads(threads)  # the engine runs as one worker does
 
     images, fields, images_note = load_images(args.data_dir, max(args.large, 1024))
     checkpoint, models_note = load_networks(args.models_dir, fields["shape"], len(fields["classes"]))
@@ -265,8 +268,8 @@ def main() -> None:
     x = local.normalize(torch.from_numpy(images[:1024]))
 
     print(f"CPU: {cpu_model()}, {os.cpu_count()} logical CPUs; load average {os.getloadavg()[0]:.2f} at start")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads here; server: {args.workers} worker(s), "
-          f"OMP_NUM_THREADS={args.threads or 'unset'}")
+    print(f"torch {torch.__version__}; server: {args.workers} worker(s) x {threads} torch thread(s), the engine "
+          f"here {torch.get_num_threads()} thread(s)")
     print(f"models: {models_note}\nimages: {images_note}")
     engine = [engine_rate(predictor, x)]
     in_process = pyfunc_rate(local, images[:1024])
@@ -275,7 +278,7 @@ def main() -> None:
         store = Path(tmp)
         t0 = time.perf_counter()
         uri = log_model(store, checkpoint, spec, images)
-        server = Server(uri, store, args.workers, args.threads)
+        server = Server(uri, store, args.workers, threads)
         print(f"served {uri} on port {server.port} ({time.perf_counter() - t0:.0f} s to log and start)")
         try:
             rss = server.rss_mib()
