@@ -189,6 +189,8 @@ def decode_images(cells: list[str | bytes], channels: int) -> list[torch.Tensor]
         except RuntimeError as error:
             reason = _WHERE.sub("", str(error).strip().splitlines()[0]).split(". ")[0]  # "Unsupported image file"
             raise _bad(f"row {row}: not a readable PNG, JPEG, WebP or GIF image ({reason})") from None
+        if images[-1].dtype != torch.uint8:  # a 16-bit PNG decodes to uint16: its 0-65535 is not our 0-255
+            raise _bad(f"row {row}: a {images[-1].dtype} image; send 8 bits per channel")
     return images
 
 

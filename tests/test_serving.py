@@ -183,6 +183,17 @@ def _png(image: np.ndarray) -> bytes:
     return encode_png(x[None] if x.ndim == 2 else x).numpy().tobytes()
 
 
+def _png16(image: np.ndarray) -> bytes:
+    """A 16-bit greyscale PNG (torchvision writes 8-bit ones only)."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def test_encoded_images_decode_to_the_same_pixels() -> None:
     """PNG bytes, their base64 text (with line breaks and a data-URL prefix too) and the pixels give one
     tensor; a JPEG is read as greyscale for a one-channel model, and RGB images for a three-channel one."""
@@ -209,6 +220,7 @@ def test_encoded_images_decode_to_the_same_pixels() -> None:
     ([b""], "row 0: empty image file"),
     ([_png(np.zeros((27, 28), np.uint8))], "expected 28x28 images, got 28x27 (resize before sending)"),
     ([_png(np.zeros((28, 28), np.uint8)), [[0] * 28] * 28], "either pixels or encoded images"),
+    ([_png16(np.full((28, 28), 40000, np.uint16))], "row 0: a torch.uint16 image; send 8 bits per channel"),
 ])
 def test_bad_encoded_images_are_refused_with_a_one_line_reason(cells: list, reason: str) -> None:
     with pytest.raises(MlflowException) as error:
