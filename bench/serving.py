@@ -136,7 +136,8 @@ def log_model(store: Path, checkpoint: Path, spec: dict, images: np.ndarray) -> 
     import mlflow
 
     mlflow.set_tracking_uri(f"sqlite:///{store / 'mlflow.db'}")
-    mlflow.set_experiment("bench-serving")  # its artifacts go under the store, not the working directory
+    # an experiment's artifacts default to ./mlruns of the working directory: keep them in the temporary store
+    mlflow.set_experiment(experiment_id=mlflow.create_experiment("bench-serving", (store / "artifacts").as_uri()))
     example = pd.DataFrame({serving.IMAGE_COLUMN: [serving_layout(image).tolist() for image in images[:2]]})
     with mlflow.start_run():
         version = tracking.log_blockdrop_model(checkpoint, spec, example, "bench-blockdrop")
