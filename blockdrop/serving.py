@@ -14,13 +14,18 @@ reference to this module's class, not as code. Everything the model knows comes 
 
 Per image the model answers the class (index and name), the class probabilities, the policy (one character
 per residual block, ``1`` = executed), the blocks executed, the FLOPs spent (policy network included) and the
-fraction of the full backbone's FLOPs saved. The input is a column ``image`` of images (:func:`signature`
-says why a column and not a tensor); ``unwrap_python_model().predict(None, array)`` takes an integer array.
+fraction of the full backbone's FLOPs saved. The input is a column ``image``, one image per row, either as raw
+pixels (nested lists or arrays of integers 0-255) or as an encoded file (PNG, JPEG, WebP or GIF bytes; base64
+text over JSON), decoded here with ``torchvision.io.decode_image`` (:func:`signature` says why the column's type
+is ``Any``); ``unwrap_python_model().predict(None, array)`` takes an integer array.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -31,16 +36,15 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature, infer_signature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
-from mlflow.types import DataType
-from mlflow.types.schema import Array, ColSpec, Schema
+from mlflow.types.schema import AnyType, ColSpec, Schema
 
 from blockdrop.data import Normalize
 from blockdrop.flops import FlopTable, count_flops
 from blockdrop.inference import BatchedSkippingPredictor
 from blockdrop.models import BlockResNet, PolicyNet, load_blockdrop
 
-__all__ = ["IMAGE_COLUMN", "SPEC_FILE", "WEIGHTS_FILE", "BlockDropClassifier", "as_images", "describe", "model_spec",
-           "signature"]
+__all__ = ["IMAGE_COLUMN", "SPEC_FILE", "WEIGHTS_FILE", "BlockDropClassifier", "as_images", "decode_images", "describe",
+           "model_spec", "signature"]
 
 WEIGHTS_FILE, SPEC_FILE = "blockdrop.pt", "serving.json"
 IMAGE_COLUMN = "image"
@@ -64,9 +68,9 @@ def describe(spec: dict[str, Any], split: str, accuracy: float, blocks_mean: flo
     writes the validation split's numbers, evaluate replaces them with the test split's and the FLOPs)."""
     full = spec["flops"]["base"] + sum(spec["flops"]["blocks"])
     text = (f"BlockDrop on {spec['source']}: a ResNet-{spec['depth']} backbone ({spec['num_blocks']} residual "
-            f"blocks) and its policy network; input: a column '{IMAGE_COLUMN}' of raw images {_layouts(spec)}, "
-            f"pixels 0-255. On the {split} split: accuracy {accuracy:.2%}, {blocks_mean:.2f} of "
-            f"{spec['num_blocks']} blocks per image on average")
+            f"blocks) and its policy network; input: a column '{IMAGE_COLUMN}' of images {_layouts(spec)}, raw "
+            f"pixels 0-255 or PNG/JPEG files (base64 over JSON). On the {split} split: accuracy {accuracy:.2%}, "
+            f"{blocks_mean:.2f} of {spec['num_blocks']} blocks per image on average")
     if flops_mean is None:
         return text + "."
     return (text + f", {flops_mean / 1e6:.2f} MFLOPs per image with the policy network, {full / flops_mean:.2f}x "
@@ -79,18 +83,18 @@ def _layouts(spec: dict[str, Any]) -> str:
 
 
 def signature(spec: dict[str, Any], answer: pd.DataFrame) -> ModelSignature:
-    """Input: one column ``image`` of integer arrays ((H, W) for one channel, else (C, H, W)); output: the
-    columns of ``answer``, a :meth:`BlockDropClassifier.predict` result.
+    """Input: one column ``image`` (:func:`as_images` says what a cell may hold); output: the columns of
+    ``answer``, a :meth:`BlockDropClassifier.predict` result.
 
-    A column of integer arrays, not a uint8 tensor: MLflow's server casts JSON numbers to a tensor
-    signature's dtype before the model sees them, so 0.5 would become a silent 0; against ``long`` arrays
-    it refuses fractional numbers and strings with HTTP 400. The range 0-255 is checked by :func:`as_images`.
+    The column's type is ``Any``, which MLflow passes through as it comes, because the typed alternatives cost
+    or mislead: against ``Array(Array(long))`` MLflow's server checks every image row by row in Python, once
+    while parsing and again before ``predict`` (a pandas Series per row of pixels), which took most of a
+    request's time; a ``binary`` column would refuse pixels; and a uint8 tensor signature makes the server cast
+    JSON numbers before the model sees them, so a normalised 0.5 would become a silent 0. The checks a typed
+    column made (integers, 0-255, one shape) are :func:`as_images`'s, with a one-line reason (HTTP 400).
     """
-    pixels: Array = Array(Array(DataType.long))
-    if spec["shape"][0] != 1:
-        pixels = Array(pixels)
     outputs = infer_signature(None, answer).outputs
-    return ModelSignature(inputs=Schema([ColSpec(pixels, IMAGE_COLUMN)]), outputs=outputs)
+    return ModelSignature(inputs=Schema([ColSpec(AnyType(), IMAGE_COLUMN)]), outputs=outputs)
 
 
 def _bad(reason: str) -> MlflowException:
@@ -100,9 +104,15 @@ def _bad(reason: str) -> MlflowException:
 
 def as_images(model_input: Any, shape: list[int]) -> torch.Tensor:
     """Raw images as a (N, C, H, W) uint8 tensor, or a one-line :class:`MlflowException` (HTTP 400) saying
-    what is wrong. ``model_input`` is what the logged signature describes, a one-column DataFrame whose cells
-    are images ((H, W) for one channel, else (C, H, W)) as nested lists or arrays of integers 0-255, or
-    directly an integer array (N, H, W) or (N, C, H, W)."""
+    what is wrong. ``model_input`` is what the logged signature describes, a one-column DataFrame with one image
+    per row, each either
+
+    * raw pixels: nested lists or an array of integers 0-255, (H, W) for one channel, else (C, H, W); or
+    * an encoded file: PNG, JPEG, WebP or GIF as ``bytes``, or as base64 text (what JSON carries; a
+      ``data:image/png;base64,`` prefix and line breaks are allowed), read as greyscale or RGB to match the
+      model's channels and of the model's size (not resized),
+
+    one kind for every row of a request; or directly an integer array (N, H, W) or (N, C, H, W)."""
     c, h, w = shape
     layouts = f"({h}, {w}) or ({c}, {h}, {w})" if c == 1 else f"({c}, {h}, {w})"
     if isinstance(model_input, pd.DataFrame):
@@ -110,10 +120,25 @@ def as_images(model_input: Any, shape: list[int]) -> torch.Tensor:
             raise _bad(f"expected one column of images, got {model_input.shape[1]} columns")
         if len(model_input) == 0:
             raise _bad("empty batch: send at least one image")
-        try:
-            model_input = np.stack([np.asarray(cell) for cell in model_input.iloc[:, 0]])
+        cells = model_input.iloc[:, 0].tolist()
+        encoded = [isinstance(cell, str | bytes | bytearray) for cell in cells]
+        if any(encoded):
+            if not all(encoded):
+                raise _bad("each request sends either pixels or encoded images (PNG, JPEG), not both")
+            images = decode_images(cells, c)
+            if any(tuple(image.shape) != (c, h, w) for image in images):
+                sizes = sorted({f"{image.shape[2]}x{image.shape[1]}" for image in images})
+                raise _bad(f"expected {w}x{h} images, got {', '.join(sizes)} (resize before sending)")
+            return torch.stack(images)
+        try:  # one C-level conversion of all rows; a ragged row or two sizes make the array uneven
+            model_input = np.array(cells)
         except (ValueError, TypeError):
             raise _bad(f"each image must be a rectangular array of pixels {layouts}, all of one shape") from None
+        if model_input.dtype == object:
+            raise _bad(f"each image must be a rectangular array of pixels {layouts}, all of one shape")
+        if model_input.dtype.kind in "US":  # e.g. {"inputs": {"image": [...]}}: MLflow puts a list of str in one row
+            raise _bad("expected pixels (integers 0-255) or one encoded image per row, got a list of text in a row "
+                       '(send {"dataframe_split": ...}, or {"inputs": [{"image": ...}, ...]} as records)')
         given = "images of shape " + str(model_input.shape[1:])
     else:
         if isinstance(model_input, torch.Tensor):
@@ -137,11 +162,45 @@ def as_images(model_input: Any, shape: list[int]) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(model_input))
 
 
+_WHERE = re.compile(r"^.*?\.cpp:\d+, ")  # torchvision's errors start with the C++ file and line
+
+
+def decode_images(cells: list[str | bytes], channels: int) -> list[torch.Tensor]:
+    """Encoded images (bytes, or base64 text) as (C, H, W) uint8 tensors, greyscale for one channel else RGB,
+    or a one-line :class:`MlflowException` (HTTP 400) naming the first row that is not base64 or not an image.
+    Each row is one call into torchvision's C++ decoders, no Python work per pixel."""
+    # Imported here: torchvision's import pulls in torch._dynamo (seconds), which pixels never need.
+    from torchvision.io import ImageReadMode, decode_image
+
+    mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
+    images = []
+    for row, cell in enumerate(cells):
+        if isinstance(cell, str):
+            text = cell.partition(",")[2] if cell.startswith("data:") else cell
+            try:  # strict: a typo is an error, not silently skipped characters; line breaks are allowed
+                cell = base64.b64decode("".join(text.split()), validate=True)
+            except (binascii.Error, ValueError):
+                raise _bad(f"row {row}: not valid base64 (send each image's PNG or JPEG file base64-encoded)"
+                           ) from None
+        if not cell:
+            raise _bad(f"row {row}: empty image file")
+        try:
+            images.append(decode_image(torch.frombuffer(bytearray(cell), dtype=torch.uint8), mode=mode))
+        except RuntimeError as error:
+            reason = _WHERE.sub("", str(error).strip().splitlines()[0]).split(". ")[0]  # "Unsupported image file"
+            raise _bad(f"row {row}: not a readable PNG, JPEG, WebP or GIF image ({reason})") from None
+        if images[-1].dtype != torch.uint8:  # a 16-bit PNG decodes to uint16: its 0-65535 is not our 0-255
+            raise _bad(f"row {row}: a {images[-1].dtype} image; send 8 bits per channel")
+    return images
+
+
 class BlockDropClassifier(mlflow.pyfunc.PythonModel):
     """The pyfunc: raw images in, one row per image out (see the module docstring)."""
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         spec = json.loads(Path(context.artifacts["spec"]).read_text())
+        import torchvision.io  # noqa: F401  (here, so the first request of encoded images does not pay the import)
+
         backbone, policy_net = load_blockdrop(context.artifacts["weights"])  # weights_only=True
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.setup(spec, backbone.to(device), policy_net.to(device))

@@ -9,6 +9,7 @@ is removed (its path and the editable install's finder), so only the model's own
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import socket
@@ -79,7 +80,7 @@ def test_registered_model_loads_without_the_repository_and_answers_like_evaluate
     np.testing.assert_allclose(out["flops"], ref["flops"], rtol=1e-12)
     meta = json.loads((served["root"] / "data/prepared/meta.json").read_text())
     assert out["names"] == [meta["classes"][i] for i in out["classes"]]
-    assert out["signature"] == "['image': Array(Array(long)) (required)]"
+    assert out["signature"] == "['image': Any (required)]"
 
 
 class Payload:
@@ -174,6 +175,60 @@ def test_bad_inputs_are_refused_with_a_one_line_reason(given, reason: str) -> No
     assert error.value.get_http_status_code() == 400
 
 
+def _png(image: np.ndarray) -> bytes:
+    """The PNG file of one (H, W) or (C, H, W) uint8 image."""
+    from torchvision.io import encode_png
+
+    x = torch.from_numpy(image)
+    return encode_png(x[None] if x.ndim == 2 else x).numpy().tobytes()
+
+
+def _png16(image: np.ndarray) -> bytes:
+    """A 16-bit greyscale PNG (torchvision writes 8-bit ones only)."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_encoded_images_decode_to_the_same_pixels() -> None:
+    """PNG bytes, their base64 text (with line breaks and a data-URL prefix too) and the pixels give one
+    tensor; a JPEG is read as greyscale for a one-channel model, and RGB images for a three-channel one."""
+    from torchvision.io import encode_jpeg
+
+    pixels = np.random.default_rng(0).integers(0, 256, (3, 28, 28), dtype=np.uint8)
+    files = [_png(image) for image in pixels]
+    texts = [base64.b64encode(f).decode() for f in files]
+    expected = serving.as_images(pd.DataFrame({"image": list(pixels)}), SHAPE)
+    for cells in (files, texts, [base64.encodebytes(f).decode() for f in files],
+                  ["data:image/png;base64," + t for t in texts]):
+        assert torch.equal(serving.as_images(pd.DataFrame({"image": cells}), SHAPE), expected)
+    colour = np.random.default_rng(1).integers(0, 256, (2, 3, 32, 32), dtype=np.uint8)
+    decoded = serving.as_images(pd.DataFrame({"image": [_png(image) for image in colour]}), [3, 32, 32])
+    assert torch.equal(decoded, torch.from_numpy(colour))
+    jpeg = encode_jpeg(torch.from_numpy(colour[0])).numpy().tobytes()
+    assert tuple(serving.as_images(pd.DataFrame({"image": [jpeg]}), [1, 32, 32]).shape) == (1, 1, 32, 32)
+
+
+@pytest.mark.parametrize(("cells", "reason"), [
+    (["iVBORw0KGgo!!!"], "row 0: not valid base64"),
+    ([base64.b64encode(b"GIF89a, not really").decode()], "row 0: not a readable PNG, JPEG, WebP or GIF image"),
+    ([_png(np.zeros((28, 28), np.uint8)), b"\x89PNG\r\n\x1a\n"], "row 1: not a readable PNG, JPEG, WebP or GIF"),
+    ([b""], "row 0: empty image file"),
+    ([_png(np.zeros((27, 28), np.uint8))], "expected 28x28 images, got 28x27 (resize before sending)"),
+    ([_png(np.zeros((28, 28), np.uint8)), [[0] * 28] * 28], "either pixels or encoded images"),
+    ([_png16(np.full((28, 28), 40000, np.uint16))], "row 0: a torch.uint16 image; send 8 bits per channel"),
+])
+def test_bad_encoded_images_are_refused_with_a_one_line_reason(cells: list, reason: str) -> None:
+    with pytest.raises(MlflowException) as error:
+        serving.as_images(pd.DataFrame({"image": cells}), SHAPE)
+    assert reason in error.value.message and "\n" not in error.value.message
+    assert error.value.get_http_status_code() == 400
+
+
 def test_predictions_carry_policy_blocks_and_flops() -> None:
     """The answer's FLOPs are the table's for the policy it reports, and the probabilities sum to 1."""
     from blockdrop.models import cifar_resnet, policy_resnet8
@@ -259,16 +314,25 @@ def test_mlflow_models_serve_answers_images_and_refuses_bad_requests(served: dic
         assert all(len(r["probabilities"]) == 10 for r in rows)
         status, records = _post(port, {"dataframe_records": [{"image": images[0].tolist()}]})
         assert status == 200 and records["predictions"][0]["policy"] == rows[0]["policy"]
+        # the same images as PNG files, base64 in JSON: the same answer to the last digit
+        status, png = _post(port, _split(*(base64.b64encode(_png(image)).decode() for image in images)))
+        assert status == 200 and png == answer
 
         black = [[0] * 28] * 28
         bad = {  # what a client gets wrong -> the reason it reads
-            "normalised floats": (_split([[0.5] * 28] * 28), "Can not safely convert float64 to int64"),
+            "normalised floats": (_split([[0.5] * 28] * 28), "expected integer pixels 0-255 (raw, not normalised), "
+                                                             "got float64"),
             "wrong shape": (_split([[0] * 27] * 27), "expected images of shape (28, 28) or (1, 28, 28), got "
                                                      "images of shape (27, 27)"),
             "above 255": (_split([[300] * 28] * 28), "pixels must be 0-255, got values from 300 to 300"),
             "negative": (_split([[-1] * 28] * 28), "pixels must be 0-255, got values from -1 to -1"),
-            "not numbers": (_split([["a"] * 28] * 28), "Can not safely convert str to int64"),
-            "not an image": (_split("a cat"), "Expected data to be list or numpy array, got str"),
+            "not numbers": (_split([["a"] * 28] * 28), "expected pixels (integers 0-255) or one encoded image per "
+                                                       "row, got a list of text in a row"),
+            "not an image": (_split("a cat"), "row 0: not a readable PNG, JPEG, WebP or GIF image (Unsupported "
+                                              "image file)"),
+            "not base64": (_split(base64.b64encode(_png(images[0])).decode()[:-3] + "!"), "row 0: not valid base64"),
+            "a PNG of another size": (_split(base64.b64encode(_png(images[0][:27])).decode()),
+                                      "expected 28x28 images, got 28x27"),
             "ragged": (_split([*black[:27], [0] * 5]), "each image must be a rectangular array of pixels"),
             "two sizes": (_split(black, [[0] * 27] * 27), "each image must be a rectangular array of pixels"),
             "empty batch": ({"dataframe_split": {"columns": ["image"], "data": []}}, "empty batch"),
@@ -278,6 +342,7 @@ def test_mlflow_models_serve_answers_images_and_refuses_bad_requests(served: dic
             status, answer = _post(port, body)
             assert status == 400, (case, status)
             assert reason in _reason(answer), (case, answer["message"][-500:])
+            assert "stack_trace" not in answer and "Traceback" not in answer["message"], case
         status, again = _post(port, _split(images[0].tolist()))  # still serving after all of them
         assert status == 200
         first = again["predictions"][0]
@@ -288,3 +353,14 @@ def test_mlflow_models_serve_answers_images_and_refuses_bad_requests(served: dic
         os.killpg(server.pid, 15)
         server.wait(timeout=30)
         log.close()
+
+
+def test_serve_divides_the_cpus_among_its_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``make serve ARGS="--workers N"`` gives each worker its share of the CPUs as torch threads, unless told."""
+    from ops.serve import worker_threads
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert [worker_threads(w) for w in (1, 2, 3, 16)] == [8, 4, 2, 1]
+    assert worker_threads(2, omp_env="3") == 3  # OMP_NUM_THREADS already set: kept
+    assert worker_threads(2, threads=1, omp_env="3") == 1  # --threads wins
+    assert worker_threads(2, omp_env="lots") == 4
