@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.optim.optimizer import register_optimizer_step_pre_hook
 from test_rl_stages import tiny_split  # the same tiny data as the RL stage tests
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from blockdrop import lineage
 from blockdrop.config import Finetune
@@ -157,3 +157,28 @@ def test_dvc_yaml_lists_the_budget_keys_and_no_policy_key() -> None:
     assert "models/backbone.pt" in lineage.stage_deps("finetune-full", REPO / "dvc.yaml")
     assert "models/policy_cl.pt" not in lineage.stage_deps("finetune-full", REPO / "dvc.yaml")
     assert "finetune-full" in lineage.upstream_stages("evaluate", REPO / "dvc.yaml")
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_a_resumed_run_matches_an_unbroken_one(tmp_path: Path) -> None:
+    cfg = Finetune(**{**BUDGET.model_dump(), "epochs": 2, "lr_decay_epoch": 1})
+
+    def run(state: Path, stop_after: int | None = None) -> tuple[list[dict], torch.nn.Module]:
+        def on_epoch(row: dict) -> None:
+            if row["epoch"] == stop_after:
+                raise Interrupt
+
+        backbone = pretrained(8)
+        history = finetune_full(backbone, tiny_split(64, 1), tiny_split(32, 2), NORMALIZE, cfg,
+                                TrainContext(torch.Generator().manual_seed(0), "fp32", state, "key", on_epoch))
+        return history, backbone
+
+    unbroken, a = run(tmp_path / "a.pt")
+    with pytest.raises(Interrupt):
+        run(tmp_path / "b.pt", stop_after=1)
+    resumed, b = run(tmp_path / "b.pt")
+    assert resumed == unbroken and [r["lr"] for r in resumed] == pytest.approx([4e-3, 4e-4])
+    assert same(a.state_dict(), b.state_dict())

@@ -403,9 +403,7 @@ def accuracy_flops(points: pd.DataFrame, path: str | Path, dpi: int = 150) -> Pa
     offsets = {"full": (-10, -18, "right"), "full_finetuned": (-10, 10, "right"), "blockdrop": (0, 12, "center")}
     if {"full", "full_finetuned"} <= set(rows) and rows["full"].accuracy > rows["full_finetuned"].accuracy:
         offsets["full"], offsets["full_finetuned"] = offsets["full_finetuned"], offsets["full"]
-    markers = {"full_finetuned": "s"}
-    # The full networks' labels run left of their point, towards BlockDrop's: short ones (the legend has the names)
-    short = {"full": "Full, pretrained", "full_finetuned": "Full, trained as BlockDrop's"}
+    short = {"full": "Full, pretrained", "full_finetuned": "Full, trained as BlockDrop's"}  # the legend has it all
     for i, v in enumerate(heuristics):
         offsets[v] = (12, -14 if i == 0 and len(heuristics) == 2 else 2, "left")
     for v in VARIANTS:
@@ -413,12 +411,12 @@ def accuracy_flops(points: pd.DataFrame, path: str | Path, dpi: int = 150) -> Pa
             continue
         r = rows[v]
         x, y = r.flops / 1e6, 100 * r.accuracy
-        ax.errorbar(x, y, xerr=getattr(r, "flops_std", 0) / 1e6, fmt=markers.get(v, "o"), ms=9, capsize=4,
-                    color=VARIANT_COLORS[v], label=VARIANT_LABELS[v])
+        ax.errorbar(x, y, xerr=getattr(r, "flops_std", 0) / 1e6, fmt="s" if v == "full_finetuned" else "o", ms=9,
+                    capsize=4, color=VARIANT_COLORS[v], label=VARIANT_LABELS[v])
         dx, dy, ha = offsets[v]
         text = f"{short[v]}: {y:.1f}%" if v in short else f"{VARIANT_LABELS[v]}: {y:.1f}%, {r.blocks_mean:.1f} blocks"
-        ax.annotate(text, (x, y), xytext=(dx, dy),
-                    textcoords="offset points", ha=ha, fontsize=10, color=VARIANT_COLORS[v])
+        ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", ha=ha, fontsize=10,
+                    color=VARIANT_COLORS[v])
     for v, style in (("full", ":"), ("full_finetuned", "-.")):
         if v in rows:
             ax.axhline(100 * rows[v].accuracy, color=VARIANT_COLORS[v], ls=style, lw=1)
