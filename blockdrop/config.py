@@ -400,6 +400,12 @@ class Params(Section):
         return self
 
 
+# The training stages and the params section whose budget each trains on: finetune-full, the fair full-network
+# baseline, trains on finetune's.
+TRAINING_SECTION = {"pretrain": "pretrain", "curriculum": "curriculum", "finetune": "finetune",
+                    "finetune-full": "finetune"}
+
+
 class ParamsError(ValueError):
     """params.yaml is unreadable or invalid; the message is one line that names the dotted key."""
 
@@ -443,12 +449,13 @@ def check_data_fit(params: Params, stage: str, shape: list[int] | tuple[int, ...
         if p.crop_size > side + 2 * p.crop_padding:
             problems.append(f"pretrain.crop_size, pretrain.crop_padding: a {p.crop_size}x{p.crop_size} crop does "
                             f"not fit {side}x{side} images padded by {p.crop_padding}")
-    if stage in ("pretrain", "curriculum", "finetune") and params.dist.nproc > 1:
+    if stage in TRAINING_SECTION and params.dist.nproc > 1:
         # Distributed epochs drop their last incomplete global batch: fewer images than one batch train nothing.
-        section = getattr(params, stage)
+        name = TRAINING_SECTION[stage]
+        section = getattr(params, name)
         images = min(sizes.get("train", 0), getattr(section, "images_per_epoch", sizes.get("train", 0)))
         if images < section.batch_size:
-            problems.append(f"{stage}.batch_size, dist.nproc: with several processes an epoch needs at least one "
+            problems.append(f"{name}.batch_size, dist.nproc: with several processes an epoch needs at least one "
                             f"whole batch of {section.batch_size}, the training split gives {images} images")
     if stage in ("curriculum", "finetune") and sizes.get("val", 0) < 1:
         problems.append(f"data.val_size: stage {stage} needs validation images, the prepared val split is empty")

@@ -1,7 +1,10 @@
 """The evaluate stage's numbers: BlockDrop against the full backbone and the paper's two heuristics.
 
-All four variants are scored on the same test images with the same FLOPs table:
-* ``full``: the pretrained backbone, every block on;
+All variants are scored on the same test images with the same FLOPs table:
+* ``full``: the pretrained backbone, every block on (the paper's baseline);
+* ``full_finetuned``: the full network trained as BlockDrop's backbone (the ``finetune-full`` stage: the
+  pretrained backbone trained further, every block on, on exactly finetune's budget), every block on: the
+  baseline that separates what the policy does from what finetune's extra training does;
 * ``blockdrop``: the finetuned backbone under the greedy policy (policy network FLOPs included);
 * ``firstk`` / ``randomk``: the pretrained backbone running the first k, or k random, blocks, where k is
   BlockDrop's mean number of blocks, rounded (the paper's heuristics: dropping without learning).
@@ -64,9 +67,11 @@ def evaluate_variants(
     flops: FlopTable,
     generator: torch.Generator,
     batch_size: int = 500,
+    full_finetuned: BlockResNet | None = None,
 ) -> tuple[dict, pd.DataFrame]:
-    """Metrics of the four variants (the shape of ``reports/evaluate/metrics.json`` minus the speedup)
-    and a per-image table for the analysis stage."""
+    """Metrics of the variants (the shape of ``reports/evaluate/metrics.json`` minus the speedup) and a per-image
+    table for the analysis stage. ``full_finetuned``: the full network trained as BlockDrop's backbone, scored
+    beside the pretrained one when given."""
     labels = test.labels.cpu()
     n, num_blocks = len(labels), backbone.num_blocks
     full_logits = predict(pretrained, test, normalize, batch_size)
@@ -79,6 +84,10 @@ def evaluate_variants(
     metrics: dict = {"num_blocks": num_blocks}
     metrics["full"] = variant_metrics(full_logits.argmax(1) == labels, torch.ones(n, num_blocks),
                                       torch.full((n,), float(flops.full)))
+    if full_finetuned is not None:  # the same architecture: the full network's FLOPs
+        correct = predict(full_finetuned, test, normalize, batch_size).argmax(1) == labels
+        metrics["full_finetuned"] = variant_metrics(correct, torch.ones(n, num_blocks),
+                                                    torch.full((n,), float(flops.full)))
     metrics["blockdrop"] = {**variant_metrics(bd_correct, bd_actions, bd_flops),
                             "unique_policies": len(torch.unique(bd_actions, dim=0)),
                             "flops_saved": flops_saved_summary(bd_flops, flops.full)}

@@ -250,29 +250,31 @@ def measure_latency(
     images: torch.Tensor,
     warmup: int,
     threads: int = 0,
+    others: dict[str, Callable[[torch.Tensor], object]] | None = None,
 ) -> dict[str, float]:
-    """Median per-image latency of both predictors on the same images, alternating which goes first.
+    """Median per-image latency of both predictors on the same images, taking turns at going first.
 
     The first ``warmup`` images are run but not timed (allocator, caches, lazy initialisation).
     ``threads`` > 0 times a CPU run on that many threads (restored afterwards). At batch size 1 these
     small convolutions barely use a second core (about 3% faster on two), so one thread per request is
-    how a CPU server would run them; the thread count is part of the result.
+    how a CPU server would run them; the thread count is part of the result. ``others``: more predictors by
+    name, timed in the same turns (each gets ``<name>_ms``); ``speedup`` stays full / BlockDrop.
     """
     previous = torch.get_num_threads()
     used = 0 if images.is_cuda else threads or previous  # 0: timed on the GPU
     torch.set_num_threads(used or previous)
+    predictors = {"full": full, "blockdrop": blockdrop, **(others or {})}
     try:
-        times = _time_alternating(full, blockdrop, images, warmup)
+        times = _time_in_turns(predictors, images, warmup)
     finally:
         torch.set_num_threads(previous)
-    full_ms, bd_ms = (1e3 * statistics.median(times[k]) for k in ("full", "blockdrop"))
-    return {"full_ms": full_ms, "blockdrop_ms": bd_ms, "speedup": full_ms / bd_ms, "images": len(times["full"]),
-            "threads": used}
+    ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
+    return {"full_ms": ms["full"], "blockdrop_ms": ms["blockdrop"], "speedup": ms["full"] / ms["blockdrop"],
+            "images": len(times["full"]), "threads": used, **{f"{name}_ms": ms[name] for name in others or {}}}
 
 
-def _time_alternating(
-    full: Callable[[torch.Tensor], object],
-    blockdrop: Callable[[torch.Tensor], object],
+def _time_in_turns(
+    predictors: dict[str, Callable[[torch.Tensor], object]],
     images: torch.Tensor,
     warmup: int,
 ) -> dict[str, list[float]]:
@@ -285,11 +287,12 @@ def _time_alternating(
         sync()
         return time.perf_counter() - t0
 
-    times: dict[str, list[float]] = {"full": [], "blockdrop": []}
+    times: dict[str, list[float]] = {name: [] for name in predictors}
+    order = list(predictors.items())
     for i in range(len(images)):
         x = images[i : i + 1]
-        order = [("full", full), ("blockdrop", blockdrop)]
-        for name, fn in order if i % 2 else order[::-1]:
+        turn = (i + 1) % len(order)  # each goes first equally often (two: BlockDrop first on even images)
+        for name, fn in order[turn:] + order[:turn]:
             t = timed(fn, x)
             if i >= warmup:
                 times[name].append(t)

@@ -80,32 +80,52 @@ class ReportInputs:
             per_class=_read_csv(reports / "evaluate/per_class.csv"),
             top_policies=_read_csv(reports / "analyze/top_policies.csv", dtype={"policy": str}),
             block_usage=_read_csv(reports / "analyze/block_usage.csv"),
-            histories={s: read_history(reports / s / "history.csv") for s in ("pretrain", "curriculum", "finetune")},
-            stage_metrics={"pretrain": _read_json(reports / "pretrain/metrics.json")},
+            histories={s: read_history(reports / s / "history.csv")
+                       for s in ("pretrain", "curriculum", "finetune", "finetune-full")},
+            stage_metrics={s: _read_json(reports / s / "metrics.json") for s in ("pretrain", "finetune-full")},
         )
 
 
-def summary(inp: ReportInputs) -> str:
-    """The paragraph under the results table: blocks, accuracy gap, FLOPs and measured speedup, heuristics."""
-    ev = inp.evaluate
-    k, full, bd = ev["num_blocks"], ev["full"], ev["blockdrop"]
+def _gap(bd: dict, full: dict) -> str:
+    """"0.4 points above" / "1.2 points below": BlockDrop's accuracy against a full network's."""
     gap = 100 * (bd["accuracy"] - full["accuracy"])
-    side = "below" if gap < 0 else "above"
+    return f"{abs(gap):.1f} points {'below' if gap < 0 else 'above'}"
+
+
+def summary(inp: ReportInputs) -> str:
+    """The paragraph under the results table: blocks, accuracy gap to each full network, FLOPs and measured
+    speedup, heuristics. Every comparison names its full network: the pretrained backbone, or the one trained as
+    BlockDrop's backbone (the ``finetune-full`` stage), when evaluated."""
+    ev = inp.evaluate
+    k, full, bd, trained = ev["num_blocks"], ev["full"], ev["blockdrop"], ev.get("full_finetuned")
     text = (f"BlockDrop runs {bd['blocks_mean']:.1f} of {k} blocks on average ({pct(bd['block_fraction'], 0)}) at "
-            f"{pct(bd['accuracy'])} accuracy, {abs(gap):.1f} points {side} the full network "
-            f"({pct(full['accuracy'])}).")
+            f"{pct(bd['accuracy'])} accuracy, {_gap(bd, full)} the full network with the pretrained backbone "
+            f"({pct(full['accuracy'])})")
+    if isinstance(trained, dict):
+        text += (f" and {_gap(bd, trained)} the full network trained as BlockDrop's backbone "
+                 f"({pct(trained['accuracy'])}: the pretrained backbone trained further, every block on, with "
+                 "finetune's images, epochs, optimizer, learning rate and augmentation). The second gap is "
+                 "BlockDrop's own; the difference between the two is what finetune's extra training is worth.")
+    else:
+        text += "."
     speed = ev.get("speedup", {})
     if "flops_ratio" in speed:
-        text += (f" It needs {speed['flops_ratio']:.2f}x fewer FLOPs per image ({bd['flops_mean'] / 1e6:.1f} vs "
+        both = " than either full network" if isinstance(trained, dict) else " than the full network"
+        text += (f" It needs {speed['flops_ratio']:.2f}x fewer FLOPs per image{both} ({bd['flops_mean'] / 1e6:.1f} vs "
                  f"{full['flops_mean'] / 1e6:.1f} MFLOPs, policy network included)")
         lat = inp.latency or {}
         if speed.get("measured_batch1") is not None:
-            text += f" and runs {speed['measured_batch1']:.2f}x as fast at batch size 1"
+            text += f" and runs {speed['measured_batch1']:.2f}x as fast at batch size 1 as the pretrained full network"
             if {"full_ms", "blockdrop_ms"} <= set(lat):
                 n = lat.get("threads")
                 threads = "" if n is None else ", on the GPU" if n == 0 else f", {n} CPU thread{'s' * (n > 1)}"
                 text += (f" ({lat['full_ms']:.2f} ms → {lat['blockdrop_ms']:.2f} ms per image, median of "
                          f"{lat.get('images', '?')} images{threads})")
+            if speed.get("measured_batch1_vs_full_finetuned") is not None:
+                text += (f", {speed['measured_batch1_vs_full_finetuned']:.2f}x as fast as the one trained as "
+                         "BlockDrop's backbone")
+                if "full_finetuned_ms" in lat:
+                    text += f" ({lat['full_finetuned_ms']:.2f} ms per image, timed in the same turns)"
         text += "."
     heur = [(VARIANT_LABELS[v], ev[v]) for v in ("firstk", "randomk") if isinstance(ev.get(v), dict)]
     if heur:
@@ -120,10 +140,13 @@ def summary(inp: ReportInputs) -> str:
 
 def _reading_accuracy_flops(inp: ReportInputs) -> str:
     ev = inp.evaluate
-    full, bd = ev["full"], ev["blockdrop"]
-    text = (f"The full network reaches {pct(full['accuracy'])} at {full['flops_mean'] / 1e6:.1f} MFLOPs per image; "
-            f"BlockDrop {pct(bd['accuracy'])} at {bd['flops_mean'] / 1e6:.1f} MFLOPs "
-            f"({pct(bd['flops_mean'] / full['flops_mean'], 0)} of the full cost).")
+    full, bd, trained = ev["full"], ev["blockdrop"], ev.get("full_finetuned")
+    text = f"The full network with the pretrained backbone reaches {pct(full['accuracy'])}"
+    if isinstance(trained, dict):
+        text += f", the full network trained as BlockDrop's backbone {pct(trained['accuracy'])},"
+    text += (f" at {full['flops_mean'] / 1e6:.1f} MFLOPs per image; BlockDrop {pct(bd['accuracy'])} at "
+             f"{bd['flops_mean'] / 1e6:.1f} MFLOPs ({pct(bd['flops_mean'] / full['flops_mean'], 0)} of the full cost"
+             + (", the same for both full networks" if isinstance(trained, dict) else "") + ").")
     for v in ("firstk", "randomk"):
         if isinstance(m := ev.get(v), dict):
             d = 100 * (bd["accuracy"] - m["accuracy"])
@@ -167,6 +190,12 @@ def _reading_curves(inp: ReportInputs) -> str:
     if h is not None:
         parts.append(f"Joint finetuning ran {len(h)} epoch{'s' if len(h) > 1 else ''}: validation accuracy "
                      f"{_first_last(h, 'val/accuracy', 100)}% at {_first_last(h, 'val/blocks_mean')} blocks.")
+    h = inp.histories.get("finetune-full")
+    if h is not None:
+        images = ((inp.stage_metrics.get("finetune-full") or {}).get("train") or {}).get("images")
+        parts.append(f"The full network trained as BlockDrop's backbone ran the same {len(h)} "
+                     f"epoch{'s' if len(h) > 1 else ''}{f' ({images} images)' if images else ''}, every block on: "
+                     f"validation accuracy {_first_last(h, 'val/accuracy', 100)}%.")
     return " ".join(parts) or "No training history was found."
 
 
@@ -250,19 +279,20 @@ def _reading_usage(inp: ReportInputs) -> str:
 def _reading_difficulty(inp: ReportInputs) -> str:
     d = inp.analyze["difficulty"]
     rc, rl = d.get("spearman_blocks_vs_confidence"), d.get("spearman_blocks_vs_loss")
-    text = (f"Spearman's rank correlation between the blocks BlockDrop runs and the full network's probability of "
-            f"the true class is {num(rc, '+.2f')}, and with its loss {num(rl, '+.2f')}: ")
+    text = (f"Spearman's rank correlation between the blocks BlockDrop runs and the pretrained full network's "
+            f"probability of the true class is {num(rc, '+.2f')}, and with its loss {num(rl, '+.2f')}: ")
     if rc is None:
         text += "undefined, as every image runs the same number of blocks."
     elif rc <= -0.1:
-        text += "images the full network finds harder get more blocks, as the paper observes."
+        text += "images the pretrained full network finds harder get more blocks, as the paper observes."
     elif rc >= 0.1:
         text += "harder images get fewer blocks here, the opposite of the paper's observation."
     else:
         text += "blocks used barely track difficulty here."
     a, b = d.get("blocks_mean_full_correct"), d.get("blocks_mean_full_wrong")
     if a is not None and b is not None:
-        text += f" Images the full network classifies correctly use {a:.2f} blocks on average, the others {b:.2f}."
+        text += (f" Images the pretrained full network classifies correctly use {a:.2f} blocks on average, the "
+                 f"others {b:.2f}.")
     return text
 
 

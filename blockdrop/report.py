@@ -67,11 +67,13 @@ def _sci(v: float) -> str:
     return f"{v / 10**exp:.2f}e{exp}"
 
 
-def _results_table(ev: dict) -> tuple[list[str], list[list[str]]]:
+def _results_table(ev: dict, latency: dict | None = None) -> tuple[list[str], list[list[str]]]:
+    """One row per variant, then the paper's; the FLOPs and speedup columns are against the pretrained full
+    network (both full networks have its FLOPs)."""
     k = ev["num_blocks"]
     full_flops = ev["full"]["flops_mean"]
     header = ["Variant", "Accuracy", "Blocks (mean ± std)", "Blocks used", "FLOPs / image (mean ± std)",
-              "FLOPs vs full", "Unique policies", "Speedup (FLOPs / measured, batch 1)"]
+              "FLOPs vs full", "Unique policies", "Speedup vs pretrained full (FLOPs / measured, batch 1)"]
     rows = []
     for v in VARIANTS:
         m = ev.get(v)
@@ -82,6 +84,11 @@ def _results_table(ev: dict) -> tuple[list[str], list[list[str]]]:
             measured = ev.get("speedup", {}).get("measured_batch1")
             speed = f"{ratio:.2f}x / {num(measured)}x"
             unique = str(m.get("unique_policies", "n/a"))
+        elif v == "full_finetuned":  # the pretrained one's architecture: a measured ratio off 1 is timing noise
+            lat = latency or {}
+            timed = {"full_ms", "full_finetuned_ms"} <= set(lat)
+            measured = lat["full_ms"] / lat["full_finetuned_ms"] if timed else None
+            speed, unique = f"{ratio:.2f}x / {num(measured)}x", "1"
         else:
             speed = "1.00x / 1.00x" if v == "full" else f"{ratio:.2f}x / not measured"
             unique = "1" if v in ("full", "firstk") else "random"
@@ -103,7 +110,8 @@ def _savings(ev: dict) -> str | None:
     s = ev.get("blockdrop", {}).get("flops_saved")
     if s is None:
         return None
-    return (f"Per image, BlockDrop saves {pct(s['mean'])} of the full backbone's FLOPs on average (median "
+    return (f"Per image, BlockDrop saves {pct(s['mean'])} of the full network's FLOPs (the same for the pretrained "
+            f"and the trained full network) on average (median "
             f"{pct(s['median'])}, 5th to 95th percentile {pct(s['p5'])} to {pct(s['p95'])}, at most {pct(s['max'])}), "
             "the policy network paid; the paper reports 20% on average and up to 36% for some images on ImageNet "
             "ResNet-101.")
@@ -114,7 +122,8 @@ def _per_class_table(inp: ReportInputs) -> tuple[list[str], list[list[str]]] | N
     if pc is None or pc.empty:
         return None
     top = inp.top_policies
-    header = ["Class", "Images", "BlockDrop accuracy", "Full accuracy", "Blocks (mean ± std)", "Top policy share"]
+    header = ["Class", "Images", "BlockDrop accuracy", "Full (pretrained) accuracy", "Blocks (mean ± std)",
+              "Top policy share"]
     rows = []
     for _, r in pc.iterrows():
         share = "n/a"
@@ -154,13 +163,19 @@ def build_report(reports_dir: str | Path, params: Params, params_text: str, comm
                            f"({inp.evaluate['num_blocks']} residual blocks)."))
     blocks.append(("h2", "Results"))
     blocks.append(("p", summary(inp)))
-    header, rows = _results_table(inp.evaluate)
+    header, rows = _results_table(inp.evaluate, inp.latency)
     blocks.append(("table", header, rows, len(rows) - 1))
     blocks.append(("p", "FLOPs per image count convolutions and linear layers (2 x multiply-adds), the policy "
                         "network included for BlockDrop. FirstK runs the first k blocks and RandomK k random "
                         "blocks of the pretrained backbone, with k BlockDrop's mean rounded. The paper's row is "
                         "another dataset and a 3.6x deeper network: compare the shape (fraction of blocks, "
                         "accuracy kept), not the numbers."))
+    if isinstance(inp.evaluate.get("full_finetuned"), dict):
+        blocks.append(("p", "Two full networks: the pretrained backbone BlockDrop starts from, never trained "
+                            "further (the paper's baseline), and the same backbone trained further exactly as "
+                            "finetune trains BlockDrop's (the finetune-full stage): every block on, with the same "
+                            "images, epochs, batch size, optimizer, learning rate and its decay, augmentation and "
+                            "precision. BlockDrop against the second is the policy's effect alone."))
     if (saved := _savings(inp.evaluate)) is not None:
         blocks.append(("p", saved))
     if (per_class := _per_class_table(inp)) is not None:
@@ -210,7 +225,9 @@ def _sweep_blocks(reports: Path) -> list[tuple]:
     if (folder / "tradeoff.png").exists():
         blocks.append(("figure", folder / "tradeoff.png", "sweep/tradeoff.png",
                        "BlockDrop's settings joined in order of FLOPs (the ringed ones form the Pareto front), FirstK "
-                       "and RandomK at every k on the pretrained backbone, the full backbone as the dotted line."))
+                       "and RandomK at every k on the pretrained backbone, the full network with the pretrained "
+                       "backbone as the dotted line (and, where the experiments evaluated it, the one trained as "
+                       "BlockDrop's backbone as the dash-dotted line)."))
     return blocks
 
 
@@ -219,14 +236,15 @@ def _pct(v: float) -> str:
 
 
 def _sweep_reading(table: pd.DataFrame, info: dict) -> str:
-    """What the sweep shows, in numbers: its size and cost, the cheapest setting that keeps the full
+    """What the sweep shows, in numbers: its size and cost, the cheapest setting that keeps the pretrained full
     backbone's accuracy (within 0.3 points), and whether BlockDrop beats the heuristics at equal FLOPs."""
     n, experiments = len(table), int(table["seeds"].sum())
     full = table["full_accuracy_mean"].mean()
     text = (f"{n} settings ({experiments} experiments) of {', '.join(info.get('grid', {})) or 'the grid'}"
             + (f"; the sweep run that wrote this table ran {info['ran']} of them in {info['wall_seconds']:.0f} s"
                if "ran" in info else "")
-            + f", baseline commit {str(info.get('baseline', 'unknown'))[:7]}. Full backbone: {_pct(full)}.")
+            + f", baseline commit {str(info.get('baseline', 'unknown'))[:7]}. Full network, pretrained backbone: "
+            + f"{_pct(full)}.")
     keep = table[table["accuracy_mean"] >= full - 0.003].sort_values("flops_mean")
     if len(keep):
         best = keep.iloc[0]

@@ -35,7 +35,8 @@ __all__ = ["DATA_DIR", "DISTRIBUTED", "StageContext", "UnrecordedRun", "check_fi
            "publish", "start", "tracked_run"]
 
 DATA_DIR = Path("data/prepared")
-DISTRIBUTED = ("pretrain", "curriculum", "finetune")  # the stages that train data-parallel when dist.nproc > 1
+# the stages that train data-parallel when dist.nproc > 1
+DISTRIBUTED = ("pretrain", "curriculum", "finetune", "finetune-full")
 log = logging.getLogger("blockdrop")
 
 
@@ -113,7 +114,7 @@ def _relaunch_under_torchrun(name: str, nproc: int) -> None:
     would give each one thread), and ``params.threads``, if not 0, still decides.
     """
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    module = getattr(sys.modules["__main__"].__spec__, "name", None) or f"pipelines.{name}"
+    module = getattr(sys.modules["__main__"].__spec__, "name", None) or f"pipelines.{name.replace('-', '_')}"
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", module]
     log.info("stage %s: %d processes, relaunching as %s", name, nproc, " ".join(argv[1:]))
     sys.stdout.flush()

@@ -70,12 +70,15 @@ def fabricate(root: Path, n: int = 400, k: int = 15, classes: list[str] = CLASSE
     metrics = {
         "num_blocks": k,
         "full": variant(float(full_correct.mean()), k, 0.0, full_flops, 0.0),
+        "full_finetuned": variant(float(full_correct.mean()) + 0.01, k, 0.0, full_flops, 0.0),
         "blockdrop": {**variant(float(correct.mean()), float(blocks.mean()), float(blocks.std()), float(flops.mean()),
                                 float(flops.std())), "unique_policies": int(per_image["policy"].nunique()),
                       "flops_saved": flops_saved_summary(torch.from_numpy(flops), full_flops)},
         "firstk": variant(0.31, round(blocks.mean()), 0.0, 7.5e6 * round(blocks.mean()) + 1e6, 0.0),
         "randomk": variant(0.42, round(blocks.mean()), 0.0, 7.5e6 * round(blocks.mean()) + 1e6, 2e5),
-        "speedup": {"flops_ratio": full_flops / float(flops.mean()), "measured_batch1": 1.37},
+        "speedup": {"flops_ratio": full_flops / float(flops.mean()), "measured_batch1": 1.37,
+                    "flops_ratio_vs_full_finetuned": full_flops / float(flops.mean()),
+                    "measured_batch1_vs_full_finetuned": 1.4},
     }
     ev = root / "reports/evaluate"
     ev.mkdir(parents=True, exist_ok=True)
@@ -86,8 +89,9 @@ def fabricate(root: Path, n: int = 400, k: int = 15, classes: list[str] = CLASSE
     per_class.insert(1, "class", [classes[i] for i in per_class["label"]])
     per_class.to_csv(ev / "per_class.csv", index=False)
     (ev / "latency.json").write_text(json.dumps({"full_ms": 4.1, "blockdrop_ms": 3.0, "speedup": 1.37,
-                                                 "images": 300}))
-    epochs = {"pretrain": 3, "curriculum": 6, "finetune": 1}
+                                                 "images": 300, "full_finetuned_ms": 4.2,
+                                                 "speedup_vs_full_finetuned": 1.4}))
+    epochs = {"pretrain": 3, "curriculum": 6, "finetune": 1, "finetune-full": 1}
     hist = {
         "pretrain": lambda e: {"train/loss": 1.5 / e, "train/accuracy": 0.8 + 0.03 * e, "val/accuracy": 0.82 + 0.02 * e,
                                "lr": 0.1, "images_per_s": 500.0, "epoch_seconds": 100.0},
@@ -96,13 +100,15 @@ def fabricate(root: Path, n: int = 400, k: int = 15, classes: list[str] = CLASSE
                                  "val/blocks_mean": k - e - 0.5, "val/reward": 0.1 * e + 0.05},
         "finetune": lambda e: {"train/loss": 0.4, "train/ce": 0.3, "train/reward": 0.5, "train/accuracy": 0.91,
                                "train/blocks": 8.0, "val/accuracy": 0.9, "val/blocks_mean": 7.5, "val/reward": 0.55},
+        "finetune-full": lambda e: {"train/loss": 0.35, "train/accuracy": 0.92, "train/images": 256,
+                                    "val/accuracy": 0.905, "lr": 3e-4},
     }
     for name, count in epochs.items():
         folder = root / "reports" / name
         folder.mkdir(parents=True, exist_ok=True)
         pd.DataFrame([{"epoch": e, **hist[name](e)} for e in range(1, count + 1)]).to_csv(folder / "history.csv",
                                                                                          index=False)
-        (folder / "metrics.json").write_text(json.dumps({"val": {"accuracy": 0.9}}))
+        (folder / "metrics.json").write_text(json.dumps({"val": {"accuracy": 0.9}, "train": {"images": 256}}))
     return {"per_image": per_image, "images": images, "metrics": metrics, "classes": classes}
 
 
@@ -216,7 +222,7 @@ def test_analysis_writes_every_figure_and_table(analyzed):
     top = pd.read_csv(out / "top_policies.csv", dtype={"policy": str})
     assert (top["scope"] == "all").sum() == 8 and (top["scope"] == "class").sum() == 3 * len(CLASSES)
     points = pd.read_csv(out / "accuracy_flops.csv")
-    assert points["variant"].tolist() == ["full", "blockdrop", "firstk", "randomk"]
+    assert points["variant"].tolist() == ["full", "full_finetuned", "blockdrop", "firstk", "randomk"]
     assert {"variant", "flops", "accuracy"} <= set(points.columns)
     assert all(p.exists() for p in written)
 
@@ -234,10 +240,31 @@ def test_report_embeds_figures_and_has_table(analyzed):
     assert "<details" in html_text and "abc1234" in html_text
     for name in FIGURES.values():
         assert f"analyze/figures/{name}" in md_text  # the markdown links the PNGs by relative path
-    # the results table: the four variants and the paper's row
-    for row in ("| Full ResNet", "| BlockDrop", "| FirstK", "| RandomK", PAPER_ROW["name"]):
+    # the results table: the five variants and the paper's row
+    for row in ("| Full ResNet, pretrained |", "| Full ResNet, trained as BlockDrop's backbone |", "| BlockDrop",
+                "| FirstK", "| RandomK", PAPER_ROW["name"]):
         assert row in md_text
     assert "93.6" in md_text and "469" in md_text
     saved = json.loads((root / "reports/evaluate/metrics.json").read_text())["blockdrop"]["flops_saved"]
-    assert (f"saves {100 * saved['mean']:.1f}% of the full backbone's FLOPs on average (median "
-            f"{100 * saved['median']:.1f}%") in md_text
+    assert (f"saves {100 * saved['mean']:.1f}% of the full network's FLOPs (the same for the pretrained and the "
+            f"trained full network) on average (median {100 * saved['median']:.1f}%") in md_text
+
+
+FULL_MENTION = re.compile(r"\bfull (network|backbone|resnet)", re.IGNORECASE)
+WHICH_FULL = ("pretrained", "trained as BlockDrop's backbone", "either full network", "both full networks",
+              "two full networks", "the trained full network")
+
+
+def test_every_sentence_comparing_with_the_full_network_names_which(analyzed):
+    root, _, _ = analyzed
+    evaluate = json.loads((root / "reports/evaluate/metrics.json").read_text())
+    md, _ = build_report(root / "reports", Params(), "seed: 0\n", commit="abc1234")
+    prose = "\n".join(line for line in md.split("<details>")[0].splitlines() if not line.startswith("|"))
+    sentences = [s for s in re.split(r"(?<=[.;])\s+", prose) if FULL_MENTION.search(s)]
+    assert len(sentences) >= 4  # the summary, the FLOPs saved, the trade-off figure, the difficulty reading
+    unnamed = [s for s in sentences if not any(w in s for w in WHICH_FULL)]
+    assert unnamed == []
+    trained = evaluate["full_finetuned"]["accuracy"]
+    assert f"the full network trained as BlockDrop's backbone ({100 * trained:.1f}%" in md
+    gap = 100 * (evaluate["blockdrop"]["accuracy"] - trained)
+    assert f"{abs(gap):.1f} points {'below' if gap < 0 else 'above'} the full network trained as" in md

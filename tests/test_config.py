@@ -324,6 +324,10 @@ DATA_FIT = [
     ("prepare", "data: {test_limit: 11}", [1, 28, 28], {"train": 60000, "test": 10}, "data.test_limit"),
     ("curriculum", "", [1, 28, 28], {"train": 10, "val": 0}, "data.val_size"),
     ("finetune", "", [1, 28, 28], {"train": 10, "val": 1}, None),
+    # finetune-full trains on finetune's budget: under several processes, finetune's batch must fit the data
+    ("finetune-full", "dist: {nproc: 2}\nfinetune: {batch_size: 64}", [1, 28, 28], {"train": 50, "val": 1},
+     "finetune.batch_size"),
+    ("finetune-full", "dist: {nproc: 2}\nfinetune: {batch_size: 64}", [1, 28, 28], {"train": 64, "val": 0}, None),
     ("evaluate", "evaluate: {latency_warmup: 5, latency_images: 6}", [1, 28, 28], {"test": 10},
      "evaluate.latency_warmup"),
     ("evaluate", "evaluate: {latency_warmup: 5, latency_images: 5}", [1, 28, 28], {"test": 10}, None),

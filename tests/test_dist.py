@@ -239,3 +239,26 @@ def test_pretrain_on_two_gloo_processes_writes_one_set_of_outputs_and_resumes_af
     assert done.stderr.strip() == ("error: invalid params in params.yaml: dist.nproc: 1, but torchrun started 2 "
                                    "processes per machine: set dist.nproc: 2")
     assert len(_runs(root)) == 3  # refused before any run was opened
+
+
+@pytest.mark.e2e
+def test_the_fair_baseline_trains_on_two_gloo_processes_as_finetune_would(tmp_path: Path) -> None:
+    # finetune-full on finetune's budget under dist.nproc 2: relaunched through torchrun like finetune, every
+    # global batch whole (3 x 32 of the 100 images: the last incomplete one dropped, as finetune drops it), one
+    # set of outputs and one MLflow run.
+    overrides = {**OVERRIDES, "pretrain": {"epochs": 1, "batch_size": 32},
+                 "finetune": {"epochs": 2, "images_per_epoch": 100, "batch_size": 32}}
+    root = make_tiny_repo(tmp_path / "repo", overrides)
+    _run(root, [sys.executable, "-m", "pipelines.prepare"])
+    _run(root, [sys.executable, "-m", "pipelines.pretrain"])
+    out = _run(root, [sys.executable, "-m", "pipelines.finetune_full"])
+    assert "-m pipelines.finetune_full" in out and "rank 0 of 2 processes" in out
+    metrics = yaml.safe_load((root / "reports" / "finetune-full" / "metrics.json").read_text())
+    assert metrics["train"]["epochs"] == 2 and metrics["train"]["images"] == 2 * 96
+    assert sorted(p.name for p in (root / "reports" / "finetune-full").iterdir()) == ["history.csv", "metrics.json"]
+    assert (root / "models" / "backbone_finetuned.pt").stat().st_size > 0
+    assert not list((root / "checkpoints").glob("*.pt"))
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("blockdrop").experiment_id],
+                                "tags.mlflow.runName = 'finetune-full'")
+    assert run.info.status == "FINISHED" and run.data.tags["dist.world_size"] == "2"

@@ -91,8 +91,8 @@ def read(root: Path, path: str) -> dict:
 
 def test_every_stage_ran_on_the_folder_source(repro: Path) -> None:
     lock = yaml.safe_load((repro / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"prepare", "pretrain", "heuristics", "curriculum", "finetune", "evaluate", "analyze",
-                                  "report"}
+    assert set(lock["stages"]) == {"prepare", "pretrain", "heuristics", "curriculum", "finetune", "finetune-full",
+                                  "evaluate", "analyze", "report"}
     meta = read(repro, "data/prepared/meta.json")
     assert meta["source"] == "imagenet" and meta["shape"] == [3, IMAGE_SIZE, IMAGE_SIZE]
     assert len(meta["classes"]) == CLASSES

@@ -211,6 +211,25 @@ def test_latency_runs_on_the_requested_threads_and_restores_them(resnet20: tuple
     assert result["speedup"] == pytest.approx(result["full_ms"] / result["blockdrop_ms"])
 
 
+def test_latency_times_more_predictors_in_the_same_turns(resnet20: tuple[CifarResNet, torch.Tensor]) -> None:
+    model, x = resnet20
+    order: list[str] = []
+
+    def named(name: str):
+        return lambda image: order.append(name) or model(image)
+
+    result = measure_latency(named("full"), named("blockdrop"), x, warmup=1, others={"full_finetuned": named("ft")})
+    assert result["images"] == len(x) - 1 and result["full_finetuned_ms"] > 0
+    assert result["speedup"] == pytest.approx(result["full_ms"] / result["blockdrop_ms"])  # still full / BlockDrop
+    turns = [order[i : i + 3] for i in range(0, len(order), 3)]
+    assert len(turns) == len(x) and all(sorted(t) == ["blockdrop", "ft", "full"] for t in turns)
+    firsts = [t[0] for t in turns]
+    assert {firsts.count(n) for n in ("full", "blockdrop", "ft")} <= {len(x) // 3, len(x) // 3 + 1}  # each goes first
+    two: list[str] = []
+    measure_latency(lambda i: two.append("full"), lambda i: two.append("blockdrop"), x[:4], warmup=0)
+    assert two == ["blockdrop", "full", "full", "blockdrop"] * 2  # two predictors: the order they always had
+
+
 def test_skipping_rejects_wrong_length(resnet20: tuple[CifarResNet, torch.Tensor]) -> None:
     model, x = resnet20
     with pytest.raises(ValueError, match="expected 9 actions, got 8"):

@@ -47,7 +47,9 @@ def read(root: Path, path: str) -> dict:
 def test_every_stage_writes_its_outputs(repro: Path) -> None:
     for path in ("data/prepared/train.pt", "data/prepared/val.pt", "data/prepared/test.pt",
                  "data/prepared/meta.json", "models/backbone.pt", "models/policy_cl.pt", "models/blockdrop.pt",
-                 "data/evaluate/per_image.csv", "reports/report.md", "reports/report.html"):
+                 "models/backbone_finetuned.pt", "reports/finetune-full/metrics.json",
+                 "reports/finetune-full/history.csv", "data/evaluate/per_image.csv", "reports/report.md",
+                 "reports/report.html"):
         assert (repro / path).stat().st_size > 0, path
     meta = read(repro, "data/prepared/meta.json")
     assert meta["sizes"] == {"train": 512, "val": 256, "test": 256}
@@ -65,9 +67,9 @@ def test_metrics_have_the_shapes_design_md_gives(repro: Path) -> None:
 
     evaluate = read(repro, "reports/evaluate/metrics.json")
     k = params.model.depth // 6 * 3
-    assert set(evaluate) == {"num_blocks", "full", "blockdrop", "firstk", "randomk", "speedup"}
+    assert set(evaluate) == {"num_blocks", "full", "full_finetuned", "blockdrop", "firstk", "randomk", "speedup"}
     assert evaluate["num_blocks"] == k
-    for variant in ("full", "firstk", "randomk"):
+    for variant in ("full", "full_finetuned", "firstk", "randomk"):
         assert set(evaluate[variant]) == VARIANT_KEYS
     assert set(evaluate["blockdrop"]) == VARIANT_KEYS | {"unique_policies", "flops_saved"}
     saved = evaluate["blockdrop"]["flops_saved"]
@@ -75,11 +77,29 @@ def test_metrics_have_the_shapes_design_md_gives(repro: Path) -> None:
     assert saved["min"] <= saved["p5"] <= saved["median"] <= saved["p95"] <= saved["max"] < 1
     full = evaluate["full"]["flops_mean"]  # the mean saving is the mean FLOPs' saving
     assert saved["mean"] == pytest.approx(1 - evaluate["blockdrop"]["flops_mean"] / full, rel=1e-9)
-    assert set(evaluate["speedup"]) == {"flops_ratio", "measured_batch1"}
-    assert evaluate["full"]["blocks_mean"] == k and evaluate["full"]["block_fraction"] == 1.0
+    assert set(evaluate["speedup"]) == {"flops_ratio", "measured_batch1", "flops_ratio_vs_full_finetuned",
+                                        "measured_batch1_vs_full_finetuned"}
+    assert evaluate["speedup"]["flops_ratio_vs_full_finetuned"] == evaluate["speedup"]["flops_ratio"]
+    for variant in ("full", "full_finetuned"):  # one architecture: every block, the same FLOPs
+        assert evaluate[variant]["blocks_mean"] == k and evaluate[variant]["block_fraction"] == 1.0
+        assert evaluate[variant]["flops_mean"] == full
+    latency = read(repro, "reports/evaluate/latency.json")
+    assert latency["speedup_vs_full_finetuned"] == pytest.approx(latency["full_finetuned_ms"] / latency["blockdrop_ms"])
     # FirstK and RandomK run BlockDrop's budget, rounded
     assert evaluate["firstk"]["blocks_mean"] == round(evaluate["blockdrop"]["blocks_mean"])
     assert evaluate["randomk"]["blocks_mean"] == round(evaluate["blockdrop"]["blocks_mean"])
+
+
+def test_the_fair_baseline_saw_finetunes_images(repro: Path) -> None:
+    params = load_params(repro / "params.yaml")
+    fair = read(repro, "reports/finetune-full/metrics.json")
+    train_images = read(repro, "data/prepared/meta.json")["sizes"]["train"]
+    assert fair["train"]["epochs"] == params.finetune.epochs
+    assert fair["train"]["images"] == params.finetune.epochs * min(params.finetune.images_per_epoch, train_images)
+    assert 0.5 < fair["val"]["accuracy"] <= 1.0
+    report = (repro / "reports/report.md").read_text()
+    assert "| Full ResNet, trained as BlockDrop's backbone |" in report and "| Full ResNet, pretrained |" in report
+    assert "the full network trained as BlockDrop's backbone (" in report
 
 
 def test_checkpoints_load_safely(repro: Path) -> None:
@@ -98,10 +118,19 @@ def test_second_repro_is_a_no_op(repro: Path) -> None:
 def test_changing_one_param_reruns_only_what_depends_on_it(repro: Path) -> None:
     params = repro / "params.yaml"
     original = params.read_text()
+    def changed(old: str, new: str) -> set[str]:
+        assert old in original
+        params.write_text(original.replace(old, new))
+        return set(json.loads(dvc(repro, "status", "--json").stdout))
+
+    # dvc status names the stages whose own params changed (report depends on the whole params.yaml); the stages
+    # below them rerun only if their inputs then change
     try:
-        params.write_text(original.replace("latency_images: 10", "latency_images: 12"))
-        out = dvc(repro, "status").stdout
-        assert "evaluate" in out and "pretrain" not in out and "finetune" not in out
+        assert changed("latency_images: 10", "latency_images: 12") == {"evaluate", "report"}
+        # a policy key reruns finetune, not the fair full-network baseline (restored from DVC's cache in a sweep)
+        assert changed("penalty: 3.4", "penalty: 5.0") == {"finetune", "report"}
+        # a key of the backbone's budget reruns both
+        assert changed("backbone_lr: 0.0003", "backbone_lr: 0.0005") == {"finetune", "finetune-full", "report"}
     finally:
         params.write_text(original)
 

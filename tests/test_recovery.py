@@ -29,7 +29,7 @@ import yaml
 from mlflow import MlflowClient
 
 from blockdrop import lineage, tracking
-from blockdrop.config import Params
+from blockdrop.config import Params, select_params
 from blockdrop.runtime import bf16_is_fast
 from blockdrop.train.resume import resume_state, save_state
 
@@ -57,7 +57,11 @@ def test_upstream_stages_follow_the_outs_into_the_deps() -> None:
     dvc_yaml = REPO / "dvc.yaml"
     assert lineage.upstream_stages("prepare", dvc_yaml) == []
     assert lineage.upstream_stages("curriculum", dvc_yaml) == ["prepare", "pretrain"]
-    assert lineage.upstream_stages("evaluate", dvc_yaml) == ["prepare", "pretrain", "curriculum", "finetune"]
+    assert lineage.upstream_stages("evaluate", dvc_yaml) == ["prepare", "pretrain", "curriculum", "finetune",
+                                                             "finetune-full"]
+    # the fair full-network baseline: the backbone's budget from finetune's keys, nothing of the policy
+    assert lineage.upstream_stages("finetune-full", dvc_yaml) == ["prepare", "pretrain"]
+    assert "finetune.penalty" not in select_params(Params(), lineage.upstream_param_keys("finetune-full", dvc_yaml))
     keys = lineage.upstream_param_keys("curriculum", dvc_yaml)
     assert {"seed", "data", "model.depth", "model.weights", "model.policy_pool", "pretrain", "curriculum"} <= set(keys)
     assert "finetune" not in keys
@@ -254,7 +258,7 @@ KILL_OVERRIDES = {
     "tracking": {"log_model": False},
 }
 TRAINED = ("pretrain", "curriculum", "finetune")
-MODELS = ("models/backbone.pt", "models/policy_cl.pt", "models/blockdrop.pt")
+MODELS = ("models/backbone.pt", "models/policy_cl.pt", "models/blockdrop.pt", "models/backbone_finetuned.pt")
 KILL_WITHIN_S = 0.3  # after the first epoch's state appears
 TIMING = ("images_per_s", "epoch_seconds", "latency", "measured")  # wall-clock numbers: differ run to run
 
@@ -356,7 +360,7 @@ def test_sigkill_in_each_training_stage_then_rerun_matches_an_unbroken_run(tmp_p
 
     for model in MODELS:
         assert _md5(killed / model) == _md5(unbroken / model), f"{model} differs (kill seed {seed})"
-    for stage in (*TRAINED, "evaluate"):
+    for stage in (*TRAINED, "finetune-full", "evaluate"):  # finetune-full runs once in each copy, unbroken
         a, b = (json.loads((r / "reports" / stage / "metrics.json").read_text()) for r in (unbroken, killed))
         assert _numbers(b) == _numbers(a), f"{stage} metrics differ (kill seed {seed})"
     for stage in TRAINED:

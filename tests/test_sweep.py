@@ -2,9 +2,10 @@
 
 What the sweep must show, on a real copy of the project: both experiments in ``dvc exp show`` and
 their stage runs in MLflow under one parent run, each ``evaluate`` run carrying its penalty; shared stages
-(prepare, pretrain, heuristics, curriculum) not run again; the table and the figure written from the
-experiments' own numbers, and shown by the report; ``dvc plots diff`` across the experiments; a second run
-of the same sweep a no-op. And a setting that fails at run time is retried, reported, and stops nothing else.
+(prepare, pretrain, heuristics, curriculum, and finetune-full, which reads no policy key) not run again; the
+table and the figure written from the experiments' own numbers, and shown by the report; ``dvc plots diff``
+across the experiments; a second run of the same sweep a no-op. And a setting that fails at run time is retried,
+reported, and stops nothing else.
 """
 
 from __future__ import annotations
@@ -94,7 +95,8 @@ def test_stage_runs_nest_under_one_sweep_run_and_carry_the_setting(swept) -> Non
             penalty = run.data.tags["dvc_exp"].rsplit("-", 1)[1]
             assert float(run.data.params["finetune.penalty"]) == float(penalty)
             assert "blockdrop/accuracy" in run.data.metrics and "speedup/measured_batch1" in run.data.metrics
-    # prepare, pretrain, heuristics and curriculum are the baseline's: DVC's cache, not run again
+    # prepare, pretrain, heuristics, curriculum and finetune-full (the fair full-network baseline reads finetune's
+    # budget keys, not the penalty) are the baseline's: DVC's cache, not run again
     assert by_exp == {"": {"report"}} | {name: {"finetune", "evaluate", "analyze", "report"} for name in NAMES}
     assert set(first["links"]) == {"parent", "compare"} and parent in first["links"]["parent"]
 

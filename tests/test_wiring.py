@@ -476,6 +476,20 @@ def test_evaluate_variants_uses_the_right_networks_and_flops() -> None:
     assert metrics["randomk"]["flops_mean"] == pytest.approx(7 + (randomk.double() @ blocks).mean().item())
     assert metrics["firstk"]["blocks_mean"] == metrics["randomk"]["blocks_mean"] == k
 
+    # The full network trained as BlockDrop's backbone (here: always class 2, a quarter of the labels) is one
+    # more variant, scored with every block at the full FLOPs; every other number stays what it was.
+    trained = copy.deepcopy(pretrained)
+    with torch.no_grad():
+        trained.fc.bias[2] += 1e5
+    more, more_per_image = evaluate_variants(pretrained, backbone, policy, test, NORM, flops,
+                                             torch.Generator().manual_seed(5), batch_size=24, full_finetuned=trained)
+    assert more["full_finetuned"]["accuracy"] == 0.25
+    assert more["full_finetuned"]["flops_mean"] == metrics["full"]["flops_mean"]
+    assert more["full_finetuned"]["blocks_mean"] == backbone.num_blocks and more["full_finetuned"]["flops_std"] == 0
+    assert list(more) == ["num_blocks", "full", "full_finetuned", "blockdrop", "firstk", "randomk"]
+    assert {k: v for k, v in more.items() if k != "full_finetuned"} == metrics
+    assert more_per_image.equals(per_image)
+
 
 def test_batch1_latency_path_takes_the_evaluation_decisions() -> None:
     # The evaluate stage times SkippingPredictor (BN folded, policy thresholded on logits, dropped blocks

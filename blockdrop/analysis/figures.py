@@ -394,12 +394,16 @@ def training_curves(histories: dict[str, pd.DataFrame | None], num_blocks: int |
 
 @styled
 def accuracy_flops(points: pd.DataFrame, path: str | Path, dpi: int = 150) -> Path:
-    """Accuracy against mean FLOPs per image for the four variants (error bars: FLOPs std)."""
+    """Accuracy against mean FLOPs per image for the variants (error bars: FLOPs std). The two full networks
+    share their FLOPs: the more accurate one is labelled above its point, the other below."""
     fig = Figure(figsize=(8, 5.4), layout="constrained")
     ax = fig.add_subplot()
     rows = {r.variant: r for r in points.itertuples()}
     heuristics = sorted((v for v in ("firstk", "randomk") if v in rows), key=lambda v: rows[v].accuracy)
-    offsets = {"full": (-10, -18, "right"), "blockdrop": (0, 12, "center")}
+    offsets = {"full": (-10, -18, "right"), "full_finetuned": (-10, 10, "right"), "blockdrop": (0, 12, "center")}
+    if {"full", "full_finetuned"} <= set(rows) and rows["full"].accuracy > rows["full_finetuned"].accuracy:
+        offsets["full"], offsets["full_finetuned"] = offsets["full_finetuned"], offsets["full"]
+    short = {"full": "Full, pretrained", "full_finetuned": "Full, trained as BlockDrop's"}  # the legend has it all
     for i, v in enumerate(heuristics):
         offsets[v] = (12, -14 if i == 0 and len(heuristics) == 2 else 2, "left")
     for v in VARIANTS:
@@ -407,13 +411,15 @@ def accuracy_flops(points: pd.DataFrame, path: str | Path, dpi: int = 150) -> Pa
             continue
         r = rows[v]
         x, y = r.flops / 1e6, 100 * r.accuracy
-        ax.errorbar(x, y, xerr=getattr(r, "flops_std", 0) / 1e6, fmt="o", ms=9, capsize=4,
-                    color=VARIANT_COLORS[v], label=VARIANT_LABELS[v])
+        ax.errorbar(x, y, xerr=getattr(r, "flops_std", 0) / 1e6, fmt="s" if v == "full_finetuned" else "o", ms=9,
+                    capsize=4, color=VARIANT_COLORS[v], label=VARIANT_LABELS[v])
         dx, dy, ha = offsets[v]
-        ax.annotate(f"{VARIANT_LABELS[v]}: {y:.1f}%, {r.blocks_mean:.1f} blocks", (x, y), xytext=(dx, dy),
-                    textcoords="offset points", ha=ha, fontsize=10, color=VARIANT_COLORS[v])
-    if "full" in rows:
-        ax.axhline(100 * rows["full"].accuracy, color=VARIANT_COLORS["full"], ls=":", lw=1)
+        text = f"{short[v]}: {y:.1f}%" if v in short else f"{VARIANT_LABELS[v]}: {y:.1f}%, {r.blocks_mean:.1f} blocks"
+        ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", ha=ha, fontsize=10,
+                    color=VARIANT_COLORS[v])
+    for v, style in (("full", ":"), ("full_finetuned", "-.")):
+        if v in rows:
+            ax.axhline(100 * rows[v].accuracy, color=VARIANT_COLORS[v], ls=style, lw=1)
     lo, hi = 100 * points["accuracy"].min(), 100 * points["accuracy"].max()
     ax.set_ylim(max(0, lo - 0.12 * (hi - lo) - 2), min(100, hi + 0.15 * (hi - lo) + 2))
     xmax = (points["flops"] + points.get("flops_std", 0)).max() / 1e6

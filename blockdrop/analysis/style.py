@@ -18,9 +18,13 @@ from blockdrop.files import atomic_write_bytes
 
 __all__ = ["STYLE", "VARIANTS", "VARIANT_COLORS", "VARIANT_LABELS", "save_figure", "styled"]
 
-VARIANTS = ("full", "blockdrop", "firstk", "randomk")
-VARIANT_LABELS = {"full": "Full ResNet", "blockdrop": "BlockDrop", "firstk": "FirstK", "randomk": "RandomK"}
-VARIANT_COLORS = {"full": "#4d4d4d", "blockdrop": "#d62728", "firstk": "#1f77b4", "randomk": "#2ca02c"}
+# full: the pretrained backbone (the paper's baseline); full_finetuned: the same backbone trained further, every
+# block on, on exactly the budget finetune gives BlockDrop's backbone (the finetune-full stage).
+VARIANTS = ("full", "full_finetuned", "blockdrop", "firstk", "randomk")
+VARIANT_LABELS = {"full": "Full ResNet, pretrained", "full_finetuned": "Full ResNet, trained as BlockDrop's backbone",
+                  "blockdrop": "BlockDrop", "firstk": "FirstK", "randomk": "RandomK"}
+VARIANT_COLORS = {"full": "#4d4d4d", "full_finetuned": "#9467bd", "blockdrop": "#d62728", "firstk": "#1f77b4",
+                  "randomk": "#2ca02c"}
 STYLE = {
     "font.size": 10,
     "axes.titlesize": 11,

@@ -205,18 +205,24 @@ def _draw_backbones(ax, experiments: list[Experiment], seed_key: str) -> None:
                 gx = np.array([_value(e.metrics, variant, "flops_mean") for e in members]) / 1e9
                 acc = 100 * np.array([_value(e.metrics, variant, "accuracy") for e in members])
                 ax.plot(gx, acc, "x", ms=7, mew=1.5, ls="none", color=color, label=f"{name}{tag} (k = BlockDrop's)")
-        full_acc = 100 * np.array([_value(e.metrics, "full", "accuracy") for e in members])
-        full_flops = np.array([_value(e.metrics, "full", "flops_mean") for e in members]) / 1e9
-        ax.errorbar(full_flops.mean(), full_acc.mean(), yerr=full_acc.std(), fmt=DEPTH_MARKERS[i % 6], ms=9,
-                    capsize=3, color=VARIANT_COLORS["full"], label=f"Full {name_of}", zorder=3)
-        ax.axhline(full_acc.mean(), color=VARIANT_COLORS["full"], ls=":", lw=0.8)  # the accuracy to keep
+        # The pretrained full network, and (experiments that evaluated it) the one trained as BlockDrop's backbone.
+        for variant, what, style in (("full", "pretrained", ":"), ("full_finetuned", "trained as BlockDrop's "
+                                                                  "backbone", "-.")):
+            full_acc = 100 * np.array([_value(e.metrics, variant, "accuracy") for e in members])
+            if np.isnan(full_acc).any():
+                continue
+            full_flops = np.array([_value(e.metrics, variant, "flops_mean") for e in members]) / 1e9
+            ax.errorbar(full_flops.mean(), full_acc.mean(), yerr=full_acc.std(), fmt=DEPTH_MARKERS[i % 6], ms=9,
+                        capsize=3, color=VARIANT_COLORS[variant], label=f"Full {name_of}, {what}", zorder=3)
+            ax.axhline(full_acc.mean(), color=VARIANT_COLORS[variant], ls=style, lw=0.8)  # the accuracy to keep
 
 
 @styled
 def tradeoff_figure(experiments: list[Experiment], path: str | Path, title: str = "Accuracy against compute "
                     "across the sweep", dpi: int = 150, seed_key: str = "seed") -> Path:
     """Accuracy (%) against GFLOPs per image: BlockDrop per setting (joined in order of FLOPs, Pareto front
-    ringed), FirstK/RandomK curves and the full backbone per depth, and the published points that match."""
+    ringed), FirstK/RandomK curves and the full backbone per depth (pretrained, and trained as BlockDrop's backbone
+    where the experiments evaluated it), and the published points that match."""
     table = settings_table(experiments, seed_key)
     keys = [k for k in dict.fromkeys(k for e in experiments for k in e.params) if k in table.columns]  # grid order
     fig = Figure(figsize=(11, 6), layout="constrained")

@@ -25,7 +25,8 @@ __all__ = ["PREPARED", "SWEEP_ENV", "TRAINING_STAGES", "base_tags", "dvc_yaml", 
 
 SWEEP_ENV = "BLOCKDROP_SWEEP"  # set by the sweep flow: the stage runs of its experiments are tagged `sweep`
 PREPARED = "data/prepared"  # the prepared splits, a DVC out: logged as the dataset input of each stage reading it
-TRAINING_STAGES = frozenset({"pretrain", "curriculum", "finetune"})  # their dataset context is "training"
+# their dataset context is "training"
+TRAINING_STAGES = frozenset({"pretrain", "curriculum", "finetune", "finetune-full"})
 
 
 def dvc_yaml() -> Path:

@@ -29,19 +29,14 @@ from blockdrop.models import BlockResNet, PolicyNet
 from blockdrop.predict import policy_summary, run_policy
 from blockdrop.runtime import compiled
 from blockdrop.train.block_costs import CostTable
+from blockdrop.train.budget import backbone_lr, lr_factor
 from blockdrop.train.context import TrainContext
 from blockdrop.train.guard import check_step, check_weights
 from blockdrop.train.rollout import rollout
 
-__all__ = ["finetune_jointly", "lr_factor"]
+__all__ = ["finetune_jointly", "lr_factor"]  # lr_factor: blockdrop.train.budget's, shared with finetune-full
 
 log = logging.getLogger(__name__)
-
-
-def lr_factor(epoch: int, cfg: Finetune) -> float:
-    """The multiplier of both learning rates in 0-based ``epoch``: ``lr_decay`` from ``lr_decay_epoch`` on
-    (0: never). A function of the epoch alone, so a resumed run sets the same rates as an unbroken one."""
-    return cfg.lr_decay if cfg.lr_decay_epoch and epoch >= cfg.lr_decay_epoch else 1.0
 
 
 def finetune_jointly(
@@ -70,7 +65,7 @@ def finetune_jointly(
     masked = cfg.execution == "masked"
     policy_net = sync_batchnorm(dist, policy_net, loop.sync_bn)
     backbone = sync_batchnorm(dist, backbone, loop.sync_bn and masked)
-    base_lrs = (cfg.lr, cfg.backbone_lr or cfg.lr)  # policy, backbone: the rates before any decay
+    base_lrs = (cfg.lr, backbone_lr(cfg))  # policy, backbone: the rates before any decay
     optimizer = torch.optim.Adam([{"params": policy_net.parameters()},
                                   {"params": backbone.parameters(), "lr": base_lrs[1]}], lr=base_lrs[0])
     parts = {"policy": policy_net, "backbone": backbone, "optimizer": optimizer}
