@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--env-manager", default="local", choices=("local", "virtualenv", "uv", "conda"))
     args = parser.parse_args(argv)
     p = config.load_params()
-    name = tracking.registry_name(p.data.source, p.model.depth)
+    name = tracking.registry_name(p.data.dataset, p.model.depth)
     version = tracking.get_alias_version(name, args.alias)
     if version is None:
         raise SystemExit(f"registered model {name} has no version with alias {args.alias!r}: run `make retrain` "
