@@ -15,7 +15,7 @@ import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
@@ -24,15 +24,19 @@ from blockdrop.data.folder import FolderSplit, decode_index, encode_index, image
 from blockdrop.data.sources import DataSourceError, RawData
 from blockdrop.files import atomic_write_bytes, fsync_dir, write_json
 
-if TYPE_CHECKING:
-    from blockdrop.data.tree import FolderListing
-
 __all__ = [
-    "SPLITS", "DataIntegrityError", "Meta", "Split", "carve_val", "check_labels", "load_meta", "load_split",
-    "split_train_val", "write_folder_prepared", "write_prepared",
+    "SPLITS", "ClassedData", "DataIntegrityError", "Meta", "Split", "carve_val", "check_labels", "load_meta",
+    "load_split", "split_train_val", "write_folder_prepared", "write_prepared",
 ]
 
 SPLITS = ("train", "val", "test")
+
+
+class ClassedData(Protocol):
+    """What the prepared files record of their raw data: a :class:`RawData`, or a folder's listing."""
+
+    classes: list[str]
+    raw_md5: dict[str, str]
 
 
 class DataIntegrityError(DataSourceError):
@@ -126,7 +130,7 @@ def check_labels(splits: dict[str, Split], num_classes: int) -> None:
             )
 
 
-def write_prepared(splits: dict[str, Split], raw: RawData | FolderListing, source: str, out_dir: Path,
+def write_prepared(splits: dict[str, Split], raw: RawData | ClassedData, source: str, out_dir: Path,
                    root: str = "") -> Meta:
     """Write ``<split>.pt`` for each split and ``meta.json``, each atomically and flushed; return the meta.
     ``raw`` gives the class names and raw digests; ``root``, a folder source's folder (:attr:`Meta.root`)."""
