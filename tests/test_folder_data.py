@@ -13,7 +13,7 @@ import pytest
 import torch
 from fakedata import TREE_CLASSES, write_image_tree
 
-from blockdrop.config import dataset_name
+from blockdrop.config import ParamsError, check_data_fit, dataset_name, parse_params
 from blockdrop.data import (
     BadDataError,
     DataSourceError,
@@ -187,3 +187,16 @@ def test_a_folder_source_is_named_by_its_folder_in_the_registry() -> None:
     assert registry_name("fashion-mnist", 32) == "blockdrop-fashion-mnist-resnet32"  # unchanged
     assert registry_name("My Photos: été", 20) == "blockdrop-My-Photos-ete-resnet20"
     assert registry_name("..", 20) == "blockdrop-folder-resnet20"
+
+
+def test_a_greyscale_folder_is_refused_for_the_rgb_resnet101() -> None:
+    zero = {"crop_padding": 0}
+    params = parse_params({
+        "data": {"source": "folder", "raw": "data/raw/xrays", "transforms": "imagenet", "resize": 40, "image_size": 32},
+        "model": {"depth": 101, "weights": "models/pretrained/resnet101-63fe2227.pth"},
+        "pretrain": {"crop_size": 0, **zero}, "curriculum": zero, "finetune": zero,
+    })
+    sizes = {"train": 100, "val": 10, "test": 20}
+    with pytest.raises(ParamsError, match=r"^model\.depth: the ResNet-101 takes RGB images, the prepared data has 1"):
+        check_data_fit(params, "pretrain", [1, 32, 32], sizes)
+    check_data_fit(params, "pretrain", [3, 32, 32], sizes)
