@@ -28,6 +28,7 @@ __all__ = [
     "Params",
     "ParamsError",
     "check_data_fit",
+    "dataset_name",
     "flatten",
     "load_params",
     "params_sha256",
@@ -72,6 +73,12 @@ class Conflict(ValueError):
         self.keys = keys
 
 
+def dataset_name(source: str, raw: str) -> str:
+    """The dataset's name in model names and titles: ``source``, or for ``folder`` the name of the raw folder
+    (``data/raw/flowers``: ``flowers``), as the user named their data."""
+    return (Path(raw).name or "folder") if source == "folder" else source
+
+
 class Data(Section):
     source: Literal["fashion-mnist", "cifar10", "cifar100", "imagenet", "folder"] = "fashion-mnist"
     # The folder of this source's raw files, prepare's DVC dependency (tracked by <raw>.dvc: `make data`)
@@ -89,6 +96,11 @@ class Data(Section):
     # then a random (train) or centred (val, test) image_size x image_size crop is taken.
     resize: PositiveInt = 256
     image_size: PositiveInt = 224
+
+    @property
+    def dataset(self) -> str:
+        """The dataset's name (:func:`dataset_name`): the source, or a folder source's folder name."""
+        return dataset_name(self.source, self.raw)
 
     @property
     def streamed(self) -> bool:
@@ -444,6 +456,9 @@ def check_data_fit(params: Params, stage: str, shape: list[int] | tuple[int, ...
                             f"left after data.val_size {d.val_size}")
         if d.test_limit > test:
             problems.append(f"data.test_limit: {d.test_limit} exceeds the {test} raw test images")
+    if stage == "pretrain" and params.model.imagenet and shape and shape[0] != 3:
+        problems.append(f"model.depth: the ResNet-{IMAGENET_DEPTH} takes RGB images, the prepared data has "
+                        f"{shape[0]} channel(s) (greyscale folder: use a CIFAR ResNet, depth 6n+2)")
     if stage == "pretrain":
         p = params.pretrain
         if p.crop_size > side + 2 * p.crop_padding:

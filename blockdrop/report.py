@@ -159,7 +159,7 @@ def build_report(reports_dir: str | Path, params: Params, params_text: str, comm
     commit = commit if commit is not None else git_commit()
     title = params.report.title
     blocks: list[tuple] = [("h1", title)]
-    blocks.append(("meta", f"Made from git commit {commit}; dataset {params.data.source}, ResNet-{params.model.depth} "
+    blocks.append(("meta", f"Made from git commit {commit}; dataset {params.data.dataset}, ResNet-{params.model.depth} "
                            f"({inp.evaluate['num_blocks']} residual blocks)."))
     blocks.append(("h2", "Results"))
     blocks.append(("p", summary(inp)))

@@ -2,7 +2,8 @@
 
 ``pipelines/<stage>.py`` stays a page long: it calls :func:`start` (logging, validated params, device,
 seeds), loads what it needs with :func:`load_data`, and runs its body inside :func:`failures_reported`,
-which turns the failures a user can fix into one line on stderr and exit code 1, not a traceback.
+which turns the failures a user can fix into one line on stderr and exit code 1 (2 for data that breaks its
+layout's rules, which like a bad setting no retry can fix), not a traceback.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 
 from blockdrop import dist
 from blockdrop.config import Params, ParamsError, check_data_fit, load_params, refuse
-from blockdrop.data import DataSourceError, FolderSplit, Meta, Normalize, Split, load_meta, load_split
+from blockdrop.data import BadDataError, DataSourceError, FolderSplit, Meta, Normalize, Split, load_meta, load_split
 from blockdrop.files import CheckpointError, write_csv, write_json
 from blockdrop.lineage import resume_key
 from blockdrop.runtime import resolve_precision, seed_everything, select_device
@@ -183,11 +184,17 @@ def publish(run: StageRun, reports: Path, history: list[dict], metrics: dict, mo
 
 @contextlib.contextmanager
 def failures_reported(name: str) -> Iterator[None]:
-    """Exit 1 with one line for the failures a user can act on (missing data, bad checkpoint, ...)."""
+    """Exit 1 with one line for the failures a user can act on (missing data, bad checkpoint, ...); exit 2
+    for data that breaks its layout's rules (:class:`~blockdrop.data.BadDataError`)."""
     from blockdrop.tracking import TrackingUnavailable  # the MLflow-aware package
 
     try:
         yield
+    except BadDataError as e:
+        # 2, not 1: the flow retries exit 1 (a lost server, a kill) and never 2, the code of invalid settings.
+        # An empty class folder or a stray file fails the same way on every retry, until the user fixes the data.
+        print(f"error: stage {name}: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     except (DataSourceError, CheckpointError, TrackingUnavailable, FileNotFoundError, NonFiniteError) as e:
         print(f"error: stage {name}: {e}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.workers < 1 or args.threads < 0:
         parser.error("--workers must be at least 1 and --threads at least 0")
     p = config.load_params()
-    name = tracking.registry_name(p.data.source, p.model.depth)
+    name = tracking.registry_name(p.data.dataset, p.model.depth)
     version = tracking.get_alias_version(name, args.alias)
     if version is None:
         raise SystemExit(f"registered model {name} has no version with alias {args.alias!r}: run `make retrain` "

@@ -87,7 +87,7 @@ def compare_and_promote(root: str, params: Params) -> dict[str, Any]:
     from blockdrop.promotion import Decision, decide, load_version, locked_md5, promote, score_on_test, select_version
 
     logger = get_run_logger()
-    name = tracking.registry_name(params.data.source, params.model.depth)
+    name = tracking.registry_name(params.data.dataset, params.model.depth)
     # Not the alias `challenger`: a `dvc exp run` elsewhere may have registered (and aliased) another model.
     challenger = select_version(name, locked_md5(root))
     champion = tracking.get_alias_version(name, "champion")

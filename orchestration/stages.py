@@ -38,7 +38,7 @@ from orchestration.stage_timeout import Watchdog
 __all__ = ["BadParamsError", "PipelineBusyError", "StageFailedError", "StageTimeoutError", "dag_order", "flow_lock",
            "run_stage", "stage_env"]
 
-BAD_PARAMS_EXIT = 2  # blockdrop.config.load_params exits 2 on invalid params
+BAD_PARAMS_EXIT = 2  # invalid params (blockdrop.config.refuse), or raw data breaking its rules (BadDataError)
 FLOW_LOCK = Path(".dvc/tmp/blockdrop-flow.lock")  # relative to the project root
 
 
@@ -47,7 +47,7 @@ class StageFailedError(RuntimeError):
 
 
 class BadParamsError(StageFailedError):
-    """A stage refused its params (exit 2): not retried."""
+    """A stage refused its params or its raw data (exit 2): not retried."""
 
 
 class PipelineBusyError(StageFailedError):

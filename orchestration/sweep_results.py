@@ -39,7 +39,7 @@ def load_experiment(root: Path, setting: Setting, rev: str) -> Experiment:
         raise FileNotFoundError(f"experiment {setting.name} ({rev[:7]}) has no reports/evaluate/metrics.json")
     params = parse_params(yaml.safe_load(params_text or "") or {})
     heuristics = pd.read_csv(io.StringIO(by_k)) if by_k else None
-    return Experiment(setting.name, dict(setting.values), json.loads(metrics), heuristics, params.data.source,
+    return Experiment(setting.name, dict(setting.values), json.loads(metrics), heuristics, params.data.dataset,
                       params.model.depth)
 
 

@@ -77,7 +77,7 @@ def main() -> None:
             if ctx.params.tracking.log_model:
                 # The registered version built from exactly this checkpoint (its dvc_md5 tag) gets the
                 # numbers measured here; none (a model finetuned with log_model off): nothing to tag.
-                name = tracking.registry_name(meta.source, backbone.depth)
+                name = tracking.registry_name(meta.dataset, backbone.depth)
                 version = tracking.find_version(name, "dvc_md5", tracking.dvc_md5(MODEL))
                 if version is not None:
                     bd = metrics["blockdrop"]
@@ -85,7 +85,7 @@ def main() -> None:
                         "test_accuracy": bd["accuracy"], "flops_mean": bd["flops_mean"], "evaluate_run_id": run.run_id})
                     from blockdrop import serving  # here: it only describes the MLflow model
 
-                    spec = serving.model_spec(meta.source, meta.classes, meta.shape, meta.mean, meta.std,
+                    spec = serving.model_spec(meta.dataset, meta.classes, meta.shape, meta.mean, meta.std,
                                               backbone.cpu(), policy_net.cpu())
                     tracking.describe_version(name, version, serving.describe(
                         spec, "test", bd["accuracy"], bd["blocks_mean"], bd["flops_mean"]))

@@ -56,12 +56,12 @@ def main() -> None:
                 from blockdrop import serving  # here: it only builds the MLflow model, no DVC out depends on it
 
                 backbone, policy_net = backbone.cpu(), policy_net.cpu()
-                spec = serving.model_spec(meta.source, meta.classes, meta.shape, meta.mean, meta.std, backbone,
+                spec = serving.model_spec(meta.dataset, meta.classes, meta.shape, meta.mean, meta.std, backbone,
                                           policy_net)
                 images = load_split(stage.DATA_DIR, "test").images[:2].cpu().numpy()
                 images = images[:, 0] if images.shape[1] == 1 else images  # (H, W) per image for one channel
                 example = pd.DataFrame({serving.IMAGE_COLUMN: [image.tolist() for image in images]})
-                name = tracking.registry_name(meta.source, backbone.depth)
+                name = tracking.registry_name(meta.dataset, backbone.depth)
                 t0 = time.perf_counter()
                 # The checkpoint also as a run artifact: promotion loads it after checking its md5 against
                 # the version's dvc_md5 tag.

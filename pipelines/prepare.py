@@ -2,7 +2,8 @@
 
 ``data.raw`` is the stage's DVC dependency (dvc.yaml), so the data read here is the data DVC versions.
 ImageNet-style data (``data.transforms: imagenet``) stays in its folders: the splits written are indexes of its
-image files.
+image files. A folder of your own (``data.source: folder``) is inspected file by file first: its channels and
+sizes come from the images, and a tree that breaks the layout's rules is refused (exit 2, one line).
 """
 
 from __future__ import annotations
@@ -14,9 +15,16 @@ from pathlib import Path
 
 from blockdrop import stage, tracking
 from blockdrop.data import (
+    FolderListing,
+    ImageSurvey,
     Meta,
     carve_folder_splits,
+    check_streamable,
+    common_side,
+    inspect_images,
     load_source,
+    read_image_splits,
+    scan_folder,
     scan_imagenet,
     split_train_val,
     write_folder_prepared,
@@ -30,6 +38,8 @@ log = logging.getLogger("blockdrop.prepare")
 def read_tensors(ctx: stage.StageContext) -> Callable[[Path], Meta]:
     """Read Fashion-MNIST / CIFAR into memory; return the writer of its prepared splits."""
     data = ctx.params.data
+    if data.source == "folder":
+        return read_image_tensors(ctx)
     raw = load_source(data.source, data.raw, data.verify_checksums)  # md5 of the raw files checked
     log.info("read %s from %s: %d train, %d test images of shape %s", data.source, raw.origin,
              len(raw.train_labels), len(raw.test_labels), tuple(raw.train_images.shape[1:]))
@@ -44,19 +54,57 @@ def read_tensors(ctx: stage.StageContext) -> Callable[[Path], Meta]:
     return write
 
 
-def read_folders(ctx: stage.StageContext) -> Callable[[Path], Meta]:
-    """List ImageNet's folders (the images are read by the later stages); return the writer of the indexes."""
+def list_folder(ctx: stage.StageContext) -> tuple[FolderListing, ImageSurvey]:
+    """A folder of your own: its listing and channels, every file's header read (a non-image refused)."""
+    listing = scan_folder(Path(ctx.params.data.raw))
+    survey = inspect_images(listing)
+    log.info("listed %s: %d classes %s, %d train, %d test images; %s; %d channel(s)", listing.root,
+             len(listing.classes), listing.classes[:10], len(listing.train[0]), len(listing.test[0]),
+             ", ".join(f"{n} {fmt}" for fmt, n in sorted(survey.formats.items())), survey.channels)
+    if ctx.params.data.streamed:
+        check_streamable(survey, listing.root)
+    return listing, survey
+
+
+def read_image_tensors(ctx: stage.StageContext) -> Callable[[Path], Meta]:
+    """A folder of your own, cifar-style: every image decoded into memory at one size; return the writer."""
     data = ctx.params.data
-    listing = scan_imagenet(Path(data.raw))
-    log.info("listed imagenet in %s: %d classes, %d train, %d val images", listing.root, len(listing.classes),
-             len(listing.train[0]), len(listing.test[0]))
-    stage.check_fit(ctx, (3, data.image_size, data.image_size),
+    listing, survey = list_folder(ctx)
+    side = common_side(survey)
+    h, w = (side, side) if side else survey.sizes[0]
+    if side:
+        log.info("images of %d sizes: each resized (shorter side) and centre-cropped to %dx%d, the smallest "
+                 "shorter side", len(set(survey.sizes)), side, side)
+    else:
+        log.info("every image is %dx%d: kept at that size", h, w)
+    stage.check_fit(ctx, (survey.channels, h, w), {"train": len(listing.train[0]), "test": len(listing.test[0])})
+
+    def write(out: Path) -> Meta:
+        carved = carve_folder_splits(listing, data.val_size, ctx.params.seed, data.train_limit, data.test_limit)
+        splits = read_image_splits(listing.root, carved, survey.channels, side)
+        return write_prepared(splits, listing, data.source, out, root=listing.root)
+
+    return write
+
+
+def read_folders(ctx: stage.StageContext) -> Callable[[Path], Meta]:
+    """List ImageNet's folders, or an imagenet-style folder of your own (the images are read by the later
+    stages); return the writer of the indexes."""
+    data = ctx.params.data
+    if data.source == "folder":
+        listing, survey = list_folder(ctx)
+        channels = survey.channels
+    else:
+        listing, channels = scan_imagenet(Path(data.raw)), 3
+        log.info("listed imagenet in %s: %d classes, %d train, %d val images", listing.root, len(listing.classes),
+                 len(listing.train[0]), len(listing.test[0]))
+    stage.check_fit(ctx, (channels, data.image_size, data.image_size),
                     {"train": len(listing.train[0]), "test": len(listing.test[0])})
 
     def write(out: Path) -> Meta:
         splits = carve_folder_splits(listing, data.val_size, ctx.params.seed, data.train_limit, data.test_limit)
         return write_folder_prepared(splits, listing.classes, data.source, listing.root, data.resize,
-                                     data.image_size, listing.raw_md5, out)
+                                     data.image_size, listing.raw_md5, out, channels=channels)
 
     return write
 

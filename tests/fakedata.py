@@ -188,3 +188,41 @@ def write_imagefolder(root: Path, classes: int = 4, train_per_class: int = 12, v
                 (root / rel).write_bytes(blob.numpy().tobytes())
                 written[folder][rel] = label
     return written
+
+
+TREE_CLASSES = ("dark", "light", "red")  # what the images of write_image_tree show, by class
+
+
+def tree_image(label: int, height: int, width: int, rng: np.random.Generator, grey: bool) -> np.ndarray:
+    """uint8 (H, W) or (H, W, 3) for class ``label`` of :data:`TREE_CLASSES`: dark grey, light grey, or red,
+    under noise (the colour and brightness say the class: a tiny ResNet learns it in an epoch or two)."""
+    level = {0: (60, 60, 60), 1: (190, 190, 190), 2: (200, 50, 50)}[label]
+    pixels = np.array(level, dtype=np.float64)[None, None, :] + rng.normal(0, 14, (height, width, 3))
+    pixels = np.clip(pixels, 0, 255).astype(np.uint8)
+    return pixels.mean(axis=2).astype(np.uint8) if grey else pixels
+
+
+def write_image_tree(root: Path, train_per_class: int = 8, test_per_class: int = 4,
+                     sizes: tuple[tuple[int, int], ...] = ((20, 20), (24, 28)), all_grey: bool = False,
+                     seed: int = 0) -> dict[str, dict[str, int]]:
+    """A ``data.source: folder`` tree: ``root/train/<class>/*`` and ``root/test/<class>/*`` for the three
+    :data:`TREE_CLASSES`, alternating PNG and JPEG files and the (height, width) ``sizes``. The grey classes are
+    saved as greyscale (PIL mode L) images and red as RGB, so the tree is 3-channel data holding greyscale
+    images; ``all_grey`` saves red as greyscale too (1-channel data). A ``.DS_Store`` in one class folder must be
+    skipped. Returns ``{"train": {relative path: label}, "test": ...}``."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    written: dict[str, dict[str, int]] = {"train": {}, "test": {}}
+    for folder, per_class in (("train", train_per_class), ("test", test_per_class)):
+        for label, name in enumerate(TREE_CLASSES):
+            (root / folder / name).mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                h, w = sizes[i % len(sizes)]
+                pixels = tree_image(label, h, w, rng, grey=all_grey or label < 2)
+                ext = ("png", "jpg")[(i // len(sizes)) % 2]  # every size in both formats
+                rel = f"{folder}/{name}/{name}_{i:03d}.{ext}"
+                Image.fromarray(pixels).save(root / rel, quality=95)
+                written[folder][rel] = label
+    (root / "train" / TREE_CLASSES[0] / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    return written

@@ -56,6 +56,9 @@ def run_in_fork(stage: str, err: Path) -> int:
 
 
 def main(cases_path: str, out_path: str) -> None:
+    # `python -m` puts the working directory first on sys.path, so the stage imports the project it runs in;
+    # run as a script, this file's folder is first instead, and an installed (editable) blockdrop would win.
+    sys.path.insert(0, os.getcwd())
     # What every stage imports (torch, the library, mlflow): paid once, before the forks.
     import blockdrop.stage
     import blockdrop.tracking  # noqa: F401

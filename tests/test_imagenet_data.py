@@ -91,14 +91,14 @@ def same(a: list, b: list) -> bool:
 @pytest.mark.e2e
 def test_prepare_stage_writes_indexes_and_meta(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     crops = {"crop_padding": 0}
+    written: dict[str, dict[str, int]] = {}
     root = make_tiny_repo(tmp_path / "repo", overrides={
-        "data": {"source": "imagenet", "resize": RESIZE, "image_size": SIZE, "val_size": VAL_SIZE, "train_limit": 0,
-                 "test_limit": 0},
+        "data": {"source": "imagenet", "raw": "data/raw/imagenet", "transforms": "imagenet", "resize": RESIZE,
+                 "image_size": SIZE, "val_size": VAL_SIZE, "train_limit": 0, "test_limit": 0},
         "model": {"depth": 101, "weights": "w.pth"},
         "pretrain": {"crop_size": 0, **crops}, "curriculum": crops, "finetune": crops,
         "evaluate": {"latency_images": 4, "latency_warmup": 1},
-    })
-    written = write_imagefolder(root / "data" / "raw" / "imagenet")
+    }, write_raw=lambda raw: written.update(write_imagefolder(raw)))
     proc = run_stage(root, "prepare")
     assert proc.returncode == 0, proc.stderr
     out = root / "data" / "prepared"

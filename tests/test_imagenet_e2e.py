@@ -69,8 +69,8 @@ def repro(tmp_path_factory: pytest.TempPathFactory) -> Path:
     crops = {"crop_padding": 0}
     overrides = {
         "workers": 2,
-        "data": {"source": "imagenet", "resize": RESIZE, "image_size": IMAGE_SIZE, "train_limit": 0, "val_size": 8,
-                 "test_limit": 0},
+        "data": {"source": "imagenet", "raw": "data/raw/imagenet", "transforms": "imagenet", "resize": RESIZE,
+                 "image_size": IMAGE_SIZE, "train_limit": 0, "val_size": 8, "test_limit": 0},
         "model": {"depth": 101, "weights": str(backbone), "policy_weights": str(policy)},
         # One epoch trains the new 4-class classifier (the 1000-class one cannot score 4 wnids).
         "pretrain": {"epochs": 1, "batch_size": 8, "lr": 0.01, "warmup_epochs": 0.0, "crop_size": 0, "drop_path": 0.0,
@@ -79,8 +79,8 @@ def repro(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "finetune": {"epochs": 1, "images_per_epoch": 32, "batch_size": 16, **crops},
         "evaluate": {"batch_size": 16, "latency_images": 4, "latency_warmup": 1},
     }
-    root = make_tiny_repo(base / "repo", overrides)
-    write_imagefolder(root / "data" / "raw" / "imagenet", classes=CLASSES)
+    root = make_tiny_repo(base / "repo", overrides,
+                          write_raw=lambda raw: write_imagefolder(raw, classes=CLASSES))  # tracked by DVC
     dvc(root, "repro")
     return root
 

@@ -12,6 +12,7 @@ import copy
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -90,9 +91,11 @@ def drop_dvc_remotes(root: Path) -> None:
     conf.write()
 
 
-def make_tiny_repo(dst: Path, overrides: dict | None = None, repo: Path = REPO, track_raw: bool = True) -> Path:
+def make_tiny_repo(dst: Path, overrides: dict | None = None, repo: Path = REPO, track_raw: bool = True,
+                   write_raw: Callable[[Path], object] | None = None) -> Path:
     """Copy the project to ``dst`` (created), apply the tiny profile and ``overrides``, add fake data in
-    ``data.raw`` (tracked by DVC unless ``track_raw`` is off, the layout before the raw data was versioned)."""
+    ``data.raw`` (tracked by DVC unless ``track_raw`` is off, the layout before the raw data was versioned):
+    a learnable Fashion-MNIST, or what ``write_raw(<data.raw>)`` writes (a folder of images, say)."""
     dst.mkdir(parents=True, exist_ok=True)
     for rel in project_files(repo):
         target = dst / rel
@@ -103,7 +106,10 @@ def make_tiny_repo(dst: Path, overrides: dict | None = None, repo: Path = REPO, 
     tiny = yaml.safe_load(profile.read_text()) if profile.exists() else FALLBACK_TINY
     params = merge(merge(params, tiny), overrides or {})
     (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    write_fashion(dst / params["data"]["raw"], learnable_fashion())
+    if write_raw is None:
+        write_fashion(dst / params["data"]["raw"], learnable_fashion())
+    else:
+        write_raw(dst / params["data"]["raw"])
     drop_dvc_remotes(dst)
     git = ["git", "-c", "init.defaultBranch=main"]
     subprocess.run([*git, "init", "-q"], cwd=dst, check=True)

@@ -1,4 +1,5 @@
-"""Splits that stay on disk (ImageNet): image files decoded, resized and cropped a batch at a time.
+"""Splits that stay on disk (ImageNet, imagenet-style folders): image files decoded, resized and cropped a batch
+at a time.
 
 ILSVRC2012 is 140 GB of JPEGs, so a prepared folder split holds only relative paths and labels; the pixels are
 read per batch. Decoding, not the network, is the bottleneck there, so it runs in DataLoader worker processes
@@ -28,20 +29,28 @@ from blockdrop.data.sources import DataSourceError
 from blockdrop.dist import SINGLE, Dist
 
 __all__ = [
-    "IMAGENET_MEAN", "IMAGENET_STD", "FolderImages", "FolderSplit", "decode_index", "decode_rgb", "decode_rgb_batch",
-    "encode_index", "folder_batches", "resize_crop",
+    "IMAGENET_MEAN", "IMAGENET_STD", "FolderImages", "FolderSplit", "decode_index", "decode_pixels", "decode_rgb",
+    "decode_rgb_batch", "encode_index", "folder_batches", "imagenet_normalization", "resize_crop",
 ]
 
 # The normalisation the authors (and torchvision's ImageNet weights) use; not measured on our subset.
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 
+
+def imagenet_normalization(channels: int) -> tuple[list[float], list[float]]:
+    """(mean, std) of imagenet-style data: ImageNet's constants for RGB; for greyscale data the mean of the
+    three, the intensity an RGB-normalised network would see for a grey pixel on average."""
+    if channels == 3:
+        return list(IMAGENET_MEAN), list(IMAGENET_STD)
+    return [round(sum(IMAGENET_MEAN) / 3, 6)], [round(sum(IMAGENET_STD) / 3, 6)]
+
 Crop = tuple[float, float] | None  # (top, left) as fractions in [0, 1) of the free range; None: the centre
 Key = tuple[int, Crop, bool]  # what a worker is sent per image: index in the split, crop, flip
 
 
 def resize_crop(image: torch.Tensor, resize: int, size: int, crop: Crop = None, flip: bool = False) -> torch.Tensor:
-    """uint8 (3, H, W) -> (3, size, size): shorter side resized to ``resize``, then the ``crop`` window
+    """uint8 (C, H, W) -> (C, size, size): shorter side resized to ``resize``, then the ``crop`` window
     (torchvision's CenterCrop offsets when None), mirrored when ``flip``. Runs on the image's device."""
     from torchvision.transforms.v2 import functional as F  # imported on first use: torchvision's import is slow
 
@@ -63,21 +72,31 @@ def decode_rgb(data: torch.Tensor) -> torch.Tensor:
     return decode_image(data, mode=ImageReadMode.RGB)
 
 
-def decode_rgb_batch(datas: list[torch.Tensor], device: torch.device | str) -> list[torch.Tensor]:
+def decode_pixels(data: torch.Tensor, channels: int = 3) -> torch.Tensor:
+    """Encoded bytes -> uint8 (``channels``, H, W) on the CPU: RGB as :func:`decode_rgb`, or greyscale (a
+    folder of greyscale images, whose network takes one channel)."""
+    from torchvision.io import ImageReadMode, decode_image
+
+    return decode_rgb(data) if channels == 3 else decode_image(data, mode=ImageReadMode.GRAY)
+
+
+def decode_rgb_batch(datas: list[torch.Tensor], device: torch.device | str, channels: int = 3) -> list[torch.Tensor]:
     """Decode a batch of JPEGs on ``device`` in one call (nvJPEG's batched decoder on CUDA); a batch the
-    decoder rejects is decoded file by file, and a file it rejects on the CPU (a PNG named .JPEG, ...)."""
+    decoder rejects is decoded file by file, and a file it rejects on the CPU (a PNG named .JPEG, ...).
+    ``channels`` 1 decodes greyscale."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
+    mode = ImageReadMode.RGB if channels == 3 else ImageReadMode.GRAY
     try:
-        return list(decode_jpeg(datas, mode=ImageReadMode.RGB, device=device))
+        return list(decode_jpeg(datas, mode=mode, device=device))
     except RuntimeError:  # one bad file fails the whole batch: find it
         pass
     out = []
     for data in datas:
         try:
-            out.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+            out.append(decode_jpeg(data, mode=mode, device=device))
         except RuntimeError:
-            out.append(decode_rgb(data).to(device))
+            out.append(decode_pixels(data, channels).to(device))
     return out
 
 
@@ -116,6 +135,7 @@ class FolderSplit:
     random_crop: bool = False  # the train split: random crops (val, test: centred)
     workers: int = 0  # DataLoader processes (0: decode in this process)
     device_decode: bool | None = None  # decode in the main process on the device (None: when it is CUDA)
+    channels: int = 3  # 3: decoded as RGB (ImageNet); 1: as greyscale (a folder of greyscale images)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -148,8 +168,8 @@ class FolderSplit:
             return torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
 
     def decode_on_device(self, datas: list[torch.Tensor], keys: list[Key]) -> torch.Tensor:
-        """The GPU path: a batch of encoded files -> uint8 (B, 3, size, size) on the split's device."""
-        images = decode_rgb_batch(datas, self.device)
+        """The GPU path: a batch of encoded files -> uint8 (B, C, size, size) on the split's device."""
+        images = decode_rgb_batch(datas, self.device, self.channels)
         return torch.stack([resize_crop(img, self.resize, self.size, crop, flip)
                             for img, (_, crop, flip) in zip(images, keys, strict=True)])
 
@@ -167,7 +187,7 @@ class _Reader(torch.utils.data.Dataset):
         if not self.decode:
             return data
         try:
-            image = decode_rgb(data)
+            image = decode_pixels(data, self.split.channels)
         except RuntimeError as e:
             raise DataSourceError(f"{self.split.path(i)} is not a readable image ({e})") from None
         return resize_crop(image, self.split.resize, self.split.size, crop, flip)
@@ -182,7 +202,7 @@ def _collate(items: list[torch.Tensor]) -> torch.Tensor | tuple[torch.Tensor, li
 
 
 def _pass(split: FolderSplit, plan: list[list[Key]]) -> Iterator[torch.Tensor]:
-    """uint8 (B, 3, size, size) on the split's device for each batch of keys in ``plan``, in order."""
+    """uint8 (B, C, size, size) on the split's device for each batch of keys in ``plan``, in order."""
     on_device = split.decodes_on_device
     loader = torch.utils.data.DataLoader(
         _Reader(split.to("cpu"), decode=not on_device),  # workers get no CUDA tensor (the labels stay here)
@@ -248,7 +268,7 @@ class FolderImages:
 
     @property
     def shape(self) -> torch.Size:
-        return torch.Size((len(self.split), 3, self.split.size, self.split.size))
+        return torch.Size((len(self.split), self.split.channels, self.split.size, self.split.size))
 
     @property
     def device(self) -> torch.device:
@@ -265,7 +285,8 @@ class FolderImages:
         positions = torch.arange(len(self.split))[index]  # torch's own rules: negatives, slices, masks
         keys: list[Key] = [(i, None, False) for i in positions.reshape(-1).tolist()]
         if not keys:
-            return torch.zeros((0, 3, self.split.size, self.split.size), dtype=torch.uint8, device=self.device)
+            return torch.zeros((0, self.split.channels, self.split.size, self.split.size), dtype=torch.uint8,
+                               device=self.device)
         batch = next(_pass(dataclasses.replace(self.split, workers=0), [keys]))
         return batch[0] if positions.dim() == 0 else batch
 

@@ -1,11 +1,11 @@
 """The prepared dataset on disk: one file per split plus ``meta.json``.
 
-``prepare`` writes it once. For the in-memory kind (Fashion-MNIST, CIFAR) each file is a uint8 tensor; every
-later stage loads whole splits into memory (Fashion-MNIST's 60k images are 47 MB as uint8) and slices batches out
-of them, so no stage runs per-image Python code. For the folder kind (ImageNet) each file is an index of image
-paths and labels, and :class:`~blockdrop.data.folder.FolderSplit` reads the images per batch. Every load checks
-the file against the sha256 ``meta.json`` records (one pass of hashlib over the bytes already read), so a
-corrupted or swapped file is refused by name instead of being trained on.
+``prepare`` writes it once. For the in-memory kind (Fashion-MNIST, CIFAR, cifar-style folders) each file is a
+uint8 tensor; every later stage loads whole splits into memory (Fashion-MNIST's 60k images are 47 MB as uint8) and
+slices batches out of them, so no stage runs per-image Python code. For the folder kind (ImageNet, imagenet-style
+folders) each file is an index of image paths and labels, and :class:`~blockdrop.data.folder.FolderSplit` reads
+the images per batch. Every load checks the file against the sha256 ``meta.json`` records (one pass of hashlib
+over the bytes already read), so a corrupted or swapped file is refused by name instead of being trained on.
 """
 
 from __future__ import annotations
@@ -15,19 +15,28 @@ import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
-from blockdrop.data.folder import IMAGENET_MEAN, IMAGENET_STD, FolderSplit, decode_index, encode_index
+from blockdrop.config import dataset_name
+from blockdrop.data.folder import FolderSplit, decode_index, encode_index, imagenet_normalization
 from blockdrop.data.sources import DataSourceError, RawData
 from blockdrop.files import atomic_write_bytes, fsync_dir, write_json
 
 __all__ = [
-    "SPLITS", "DataIntegrityError", "Meta", "Split", "carve_val", "check_labels", "load_meta", "load_split",
-    "split_train_val", "write_folder_prepared", "write_prepared",
+    "SPLITS", "ClassedData", "DataIntegrityError", "Meta", "Split", "carve_val", "check_labels", "load_meta",
+    "load_split", "split_train_val", "write_folder_prepared", "write_prepared",
 ]
 
 SPLITS = ("train", "val", "test")
+
+
+class ClassedData(Protocol):
+    """What the prepared files record of their raw data: a :class:`RawData`, or a folder's listing."""
+
+    classes: list[str]
+    raw_md5: dict[str, str]
 
 
 class DataIntegrityError(DataSourceError):
@@ -62,11 +71,17 @@ class Meta:
     raw_md5: dict[str, str] = field(default_factory=dict)  # raw file -> md5 (absent from older meta.json files)
     # "tensor": <split>.pt holds the images; "folder": an index of image files under `root` (a path as given in
     # params, relative to the repository root), resized to `resize` and cropped to `image_size` when read.
-    # Older meta.json files have none of these fields: the tensor kind.
+    # Older meta.json files have none of these fields: the tensor kind. A folder source of the tensor kind
+    # records the folder its images were read from in `root` too: its name is the dataset's (`dataset`).
     kind: str = "tensor"
     root: str = ""
     resize: int = 0
     image_size: int = 0
+
+    @property
+    def dataset(self) -> str:
+        """The dataset's name: the source, or a folder source's folder name (``data/raw/flowers``: flowers)."""
+        return dataset_name(self.source, self.root)
 
     @property
     def num_classes(self) -> int:
@@ -115,8 +130,10 @@ def check_labels(splits: dict[str, Split], num_classes: int) -> None:
             )
 
 
-def write_prepared(splits: dict[str, Split], raw: RawData, source: str, out_dir: Path) -> Meta:
-    """Write ``<split>.pt`` for each split and ``meta.json``, each atomically and flushed; return the meta."""
+def write_prepared(splits: dict[str, Split], raw: RawData | ClassedData, source: str, out_dir: Path,
+                   root: str = "") -> Meta:
+    """Write ``<split>.pt`` for each split and ``meta.json``, each atomically and flushed; return the meta.
+    ``raw`` gives the class names and raw digests; ``root``, a folder source's folder (:attr:`Meta.root`)."""
     check_labels(splits, len(raw.classes))
     out_dir.mkdir(parents=True, exist_ok=True)
     digests = {}
@@ -135,6 +152,7 @@ def write_prepared(splits: dict[str, Split], raw: RawData, source: str, out_dir:
         sizes={k: len(v) for k, v in splits.items()},
         sha256=digests,
         raw_md5=dict(raw.raw_md5),
+        root=str(root),
     )
     write_json(out_dir / "meta.json", meta.__dict__)
     fsync_dir(out_dir)  # the caller renames this folder into place next
@@ -142,17 +160,20 @@ def write_prepared(splits: dict[str, Split], raw: RawData, source: str, out_dir:
 
 
 def write_folder_prepared(splits: dict[str, tuple[list[str], torch.Tensor]], classes: list[str], source: str,
-                          root: str, resize: int, image_size: int, raw_md5: dict[str, str], out_dir: Path) -> Meta:
+                          root: str, resize: int, image_size: int, raw_md5: dict[str, str], out_dir: Path,
+                          channels: int = 3) -> Meta:
     """Write an index file ``<split>.pt`` (relative paths, int64 labels) per split and ``meta.json`` of the
-    folder kind; the mean and std are the ImageNet constants the authors normalise with."""
+    folder kind for images decoded with ``channels``; the mean and std are the ImageNet constants the authors
+    normalise with (:func:`~blockdrop.data.folder.imagenet_normalization`)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     digests = {}
     for name, (paths, labels) in splits.items():
         blob = encode_index(paths, labels)
         atomic_write_bytes(out_dir / f"{name}.pt", blob)
         digests[f"{name}.pt"] = hashlib.sha256(blob).hexdigest()
-    meta = Meta(source=source, classes=list(classes), shape=[3, image_size, image_size], mean=list(IMAGENET_MEAN),
-                std=list(IMAGENET_STD), sizes={k: len(v[1]) for k, v in splits.items()}, sha256=digests,
+    mean, std = imagenet_normalization(channels)
+    meta = Meta(source=source, classes=list(classes), shape=[channels, image_size, image_size], mean=mean,
+                std=std, sizes={k: len(v[1]) for k, v in splits.items()}, sha256=digests,
                 raw_md5=dict(raw_md5), kind="folder", root=str(root), resize=resize, image_size=image_size)
     write_json(out_dir / "meta.json", meta.__dict__)
     fsync_dir(out_dir)  # the caller renames this folder into place next
@@ -196,7 +217,7 @@ def load_split(data_dir: str | Path, name: str, meta: Meta | None = None, *, wor
         if meta.kind == "folder":
             paths, labels = decode_index(data)
             return FolderSplit(meta.root, paths, labels, meta.resize, meta.image_size, random_crop=name == "train",
-                               workers=workers)
+                               workers=workers, channels=meta.shape[0])
         blob = torch.load(io.BytesIO(data), weights_only=True)
         return Split(blob["images"], blob["labels"])
     except Exception as e:  # the recorded digest, yet unreadable: written by an incompatible torch, say

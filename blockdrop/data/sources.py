@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["FASHION_MNIST_CLASSES", "FASHION_MNIST_MD5", "DataSourceError", "RawData", "load_source"]
+__all__ = ["FASHION_MNIST_CLASSES", "FASHION_MNIST_MD5", "BadDataError", "DataSourceError", "RawData", "load_source"]
 
 # md5 of the four *uncompressed* idx files. Zalando publishes md5s of its .gz archives (torchvision's
 # `FashionMNIST.resources`), but Debian's package re-compressed them (its .gz md5s differ), so the digest both
@@ -47,6 +47,13 @@ FETCH_HINT = "run `make data` (puts the default dataset there and tracks it with
 
 class DataSourceError(RuntimeError):
     """The dataset could not be found or verified; the message says what to do about it."""
+
+
+class BadDataError(DataSourceError):
+    """The data is there but breaks its layout's rules (an empty class folder, a file that is not an image, test
+    classes that are not train's). Like an invalid setting, only the user can fix it, so a stage exits 2 (a
+    flow does not retry it) rather than the 1 of data that is missing or fails a checksum, which ``dvc pull``
+    or ``make data`` may put right."""
 
 
 @dataclass(frozen=True)
@@ -158,4 +165,7 @@ def load_source(source: str, raw: str | Path, verify_checksums: bool = True) -> 
         return _cifar(datasets.CIFAR100, folder)
     if source == "imagenet":
         raise DataSourceError("imagenet is not read into memory: list its folders with blockdrop.data.scan_imagenet")
+    if source == "folder":
+        raise DataSourceError("folder is read image by image: list it with blockdrop.data.scan_folder, decode it "
+                              "with blockdrop.data.read_images")
     raise DataSourceError(f"unknown data source {source!r}")

@@ -114,5 +114,5 @@ def log_prepared_input(stage: str, params: Params) -> None:
     from mlflow.data.sources import LocalArtifactDatasetSource
 
     source = LocalArtifactDatasetSource(str(repo_root() / PREPARED))  # the workspace's, not a temp copy's
-    dataset = MetaDataset(source, name=f"{params.data.source} prepared", digest=dvc_md5(folder))
+    dataset = MetaDataset(source, name=f"{params.data.dataset} prepared", digest=dvc_md5(folder))
     mlflow.log_input(dataset, context="training" if stage in TRAINING_STAGES else "eval")

@@ -7,6 +7,8 @@ version and points ``challenger`` at it, and promotion (:mod:`blockdrop.promotio
 from __future__ import annotations
 
 import json
+import re
+import unicodedata
 from collections.abc import Mapping
 from importlib.metadata import version as package_version
 from pathlib import Path
@@ -27,8 +29,13 @@ SERVING_PINS = ("mlflow", "torch", "torchvision", "numpy", "pandas", "pydantic",
 
 
 def registry_name(dataset: str, depth: int) -> str:
-    """``("fashion-mnist", 32)`` -> ``"blockdrop-fashion-mnist-resnet32"``."""
-    return f"blockdrop-{dataset}-resnet{depth}"
+    """``("fashion-mnist", 32)`` -> ``"blockdrop-fashion-mnist-resnet32"``; ``dataset`` is the source, or a folder
+    source's folder name (:attr:`blockdrop.config.Data.dataset`), kept to letters, digits, ``.``, ``_`` and
+    ``-``: MLflow refuses ``/`` and ``:`` in a name, and a name must read unquoted in a ``models:/<name>@alias``
+    URI, so accents are dropped (é: e) and any other run of characters (a space, a colon) becomes one ``-``."""
+    plain = unicodedata.normalize("NFKD", dataset).encode("ascii", "ignore").decode()
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "-", plain).strip("-.") or "folder"
+    return f"blockdrop-{safe}-resnet{depth}"
 
 
 def log_blockdrop_model(checkpoint: str | Path, spec: Mapping[str, Any], input_example: Any, registered_name: str,
