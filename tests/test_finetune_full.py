@@ -128,7 +128,8 @@ def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 CHANGED_BUDGET = {"epochs": 3, "images_per_epoch": 40, "batch_size": 16, "backbone_lr": 1e-3, "lr_decay": 0.5,
                   "crop_padding": 0, "flip": False}
-POLICY_ONLY = {"alpha": 0.95, "penalty": 9.0, "pg_reduction": "sum", "execution": "masked", "greedy_ce": 2.0}
+POLICY_ONLY = {"alpha": 0.95, "penalty": 9.0, "pg_reduction": "sum", "execution": "masked", "greedy_ce": 2.0,
+               "cost": "flops"}
 
 
 def test_each_budget_key_changes_the_result_and_no_policy_key_does(tmp_path: Path) -> None:
