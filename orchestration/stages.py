@@ -63,7 +63,8 @@ NOT_RETRIED = (BadParamsError, PipelineBusyError, StageTimeoutError)
 
 def dag_order(root: Path) -> list[str]:
     """Every stage of the project, dependencies first: the order ``dvc repro`` itself uses (this package
-    never lists stages)."""
+    never lists stages). The raw data's ``.dvc`` files come first, as in ``dvc repro``: their task verifies the
+    tracked folder and records a changed one (no stage command, so no MLflow run)."""
     from dvc.repo import Repo
     from dvc.repo.reproduce import plan_repro
 

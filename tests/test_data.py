@@ -495,7 +495,7 @@ def one_error_line(proc: subprocess.CompletedProcess, stage: str) -> str:
 def test_stages_refuse_raw_and_prepared_files_that_fail_their_checksums(tmp_path: Path) -> None:
     root = make_tiny_repo(tmp_path / "repo", overrides={"data": {"verify_checksums": True}})
     line = one_error_line(run_stage(root, "prepare"), "prepare")  # the fake idx files are not Zalando's
-    assert "data/raw/FashionMNIST/raw/train-images-idx3-ubyte" in line
+    assert "data/raw/fashion-mnist/train-images-idx3-ubyte" in line
     assert sources.FASHION_MNIST_MD5["train-images-idx3-ubyte"] in line
     assert not (root / "data" / "prepared").exists()
 
@@ -506,7 +506,7 @@ def test_stages_refuse_raw_and_prepared_files_that_fail_their_checksums(tmp_path
     assert proc.returncode == 0, proc.stderr
     meta = load_meta(root / "data" / "prepared")
     assert meta.raw_md5["train-labels-idx1-ubyte"] == md5(
-        (root / "data/raw/FashionMNIST/raw/train-labels-idx1-ubyte").read_bytes())
+        (root / "data/raw/fashion-mnist/train-labels-idx1-ubyte").read_bytes())
 
     train = root / "data" / "prepared" / "train.pt"
     blob = bytearray(train.read_bytes())

@@ -141,8 +141,9 @@ def test_a_worker_runs_a_pipeline_flow_run_in_the_project_and_exits(deployed: De
     assert state["type"] == "COMPLETED", f"{state}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
 
     stages = list(yaml.safe_load((deployed.root / "dvc.yaml").read_text())["stages"])
+    raw = [str(p.relative_to(deployed.root)) for p in (deployed.root / "data" / "raw").glob("*.dvc")]
     tasks = api(deployed.api, "/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run["id"]]}}})
-    assert sorted(t["name"] for t in tasks) == sorted(stages)  # one task run per DVC stage
+    assert raw and sorted(t["name"] for t in tasks) == sorted(stages + raw)  # a task per DVC stage and data source
     assert {t["state"]["type"] for t in tasks} == {"COMPLETED"}
 
     # The flow ran in the copy (the pull step): its parent MLflow run is in the copy's store, and DVC there found

@@ -108,7 +108,7 @@ def repro(tmp_path_factory: pytest.TempPathFactory) -> Path:
     shim.mkdir()
     (shim / "sitecustomize.py").write_text(SITECUSTOMIZE)
     files, spec = learnable_cifar()
-    raw = root / "data" / "raw"
+    raw = root / "data" / "raw" / "cifar10"  # the profile's data.raw
     raw.mkdir(parents=True, exist_ok=True)
     for name, blob in files.items():
         (raw / name).write_bytes(blob)
