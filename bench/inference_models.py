@@ -14,14 +14,25 @@ that of the real thing.
 from __future__ import annotations
 
 import platform
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' calibrated random weights
+
+from fakeweights import calibrated
 
 from blockdrop.inference import BatchedSkippingPredictor
-from blockdrop.models import BlockResNet, PolicyNet, cifar_resnet, load_backbone, load_blockdrop, policy_resnet8
+from blockdrop.models import (
+    BlockResNet,
+    PolicyNet,
+    cifar_resnet,
+    load_backbone,
+    load_blockdrop,
+    policy_resnet8,
+)
 
 SYNTHETIC_POLICIES = 30
 SYNTHETIC_KEEP = 0.55
@@ -36,21 +47,6 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown CPU"
-
-
-def calibrated(model: nn.Module, x: torch.Tensor, seed: int = 0) -> nn.Module:
-    """Seeded random BatchNorm affine parameters and running statistics of ``x``, then eval mode: random
-    weights whose activations keep a sane scale, and a BatchNorm that folding does not turn into a no-op."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.weight.data = 0.5 + torch.rand(m.num_features, generator=g)
-            m.bias.data = 0.2 * torch.randn(m.num_features, generator=g)
-            m.momentum = 1.0  # running stats := the stats of the one batch below
-    model.train()
-    with torch.no_grad():
-        model(x)
-    return model.eval()
 
 
 def load_models(models_dir: Path, size: int = 28) -> tuple[BlockResNet, BlockResNet, PolicyNet, bool, str]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -87,3 +89,16 @@ def tiny_reproduced(tmp_path_factory: pytest.TempPathFactory, worker_id: str) ->
         assert proc.returncode == 0, f"dvc repro failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
         done.touch()
     return root
+
+
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every URL torchvision tries to open fails at once (and is recorded)."""
+    tried: list[str] = []
+
+    def refuse(request, *args, **kwargs):
+        tried.append(getattr(request, "full_url", str(request)))
+        raise urllib.error.URLError("network disabled in tests")
+
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+    return tried

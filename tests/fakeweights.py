@@ -37,3 +37,19 @@ def write_torchvision_weights(folder: Path, arch: str, seed: int = 0) -> Path:
     with open(tmp, "rb") as f:
         digest = hashlib.file_digest(f, "sha256").hexdigest()
     return tmp.replace(folder / f"{arch}-{digest[:8]}.pth")
+
+
+def calibrated(model: nn.Module, x: torch.Tensor, seed: int = 0) -> nn.Module:
+    """Seeded random BatchNorm affine parameters and running statistics of ``x``, then eval mode: random weights
+    whose activations keep a sane scale through the depth (so 1e-5 tolerances mean something), and a BatchNorm
+    that folding does not turn into a no-op. Used by the model tests and the inference benches."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.weight.data = 0.5 + torch.rand(m.num_features, generator=g)
+            m.bias.data = 0.2 * torch.randn(m.num_features, generator=g)
+            m.momentum = 1.0  # running stats := the stats of the one batch below
+    model.train()
+    with torch.no_grad():
+        model(x)
+    return model.eval()

@@ -44,19 +44,6 @@ FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sanda
                    "Ankle boot"]
 
 
-@pytest.fixture
-def no_network(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Every URL torchvision tries to open fails at once (and is recorded)."""
-    tried: list[str] = []
-
-    def refuse(request, *args, **kwargs):
-        tried.append(getattr(request, "full_url", str(request)))
-        raise urllib.error.URLError("network disabled in tests")
-
-    monkeypatch.setattr(urllib.request, "urlopen", refuse)
-    return tried
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Fashion-MNIST: read from data.raw only (putting it there is blockdrop.data.fetch's job: test_data_fetch.py)
 

@@ -7,8 +7,6 @@ import hashlib
 import json
 import struct
 import subprocess
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -17,19 +15,6 @@ from fakedata import FASHION_FILES, fake_fashion, fashion_idx_files, md5, write_
 from blockdrop.data import fetch, load_source, sources
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def no_network(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Every URL torchvision tries to open fails at once (and is recorded)."""
-    tried: list[str] = []
-
-    def refuse(request, *args, **kwargs):
-        tried.append(getattr(request, "full_url", str(request)))
-        raise urllib.error.URLError("network disabled in tests")
-
-    monkeypatch.setattr(urllib.request, "urlopen", refuse)
-    return tried
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fakeweights import calibrated
 from torch import nn
 
 from blockdrop.files import CheckpointError
@@ -24,21 +25,6 @@ from blockdrop.models import (
 )
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
-
-
-def calibrated(model: CifarResNet, x: torch.Tensor, seed: int = 0) -> CifarResNet:
-    """Random BN affine parameters and running stats taken from ``x``, then eval mode: activations keep a
-    sane scale through the depth (so 1e-5 tolerances mean something) and folding BN is not a no-op."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.weight.data = 0.5 + torch.rand(m.num_features, generator=g)
-            m.bias.data = 0.2 * torch.randn(m.num_features, generator=g)
-            m.momentum = 1.0  # running stats := the stats of the one batch below
-    model.train()
-    with torch.no_grad():
-        model(x)
-    return model.eval()
 
 
 def random_policies(n: int, k: int, seed: int) -> torch.Tensor:
