@@ -25,15 +25,20 @@ DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FETCHABLE = ("fashion-mnist", "cifar10", "cifar100")  # imagenet and folder: the user brings them
 
 
+def _cifar_class(source: str) -> type:
+    """torchvision's dataset class of ``cifar10`` or ``cifar100``: its file names, URL and md5s."""
+    from torchvision import datasets  # slow import: on use
+
+    return datasets.CIFAR10 if source == "cifar10" else datasets.CIFAR100
+
+
 def has_raw(source: str, raw: str | Path) -> bool:
     """Whether ``raw`` holds what ``source`` reads (the files' presence, not their checksums)."""
     folder = Path(raw)
     if source == "fashion-mnist":
         return all((folder / n).exists() or (folder / f"{n}.gz").exists() for n in FASHION_MNIST_MD5)
     if source in ("cifar10", "cifar100"):
-        from torchvision import datasets  # slow import: on use
-
-        cls = datasets.CIFAR10 if source == "cifar10" else datasets.CIFAR100
+        cls = _cifar_class(source)
         return (folder / cls.base_folder).is_dir() or (folder / cls.filename).is_file()
     return folder.is_dir() and any(folder.iterdir())
 
@@ -77,10 +82,9 @@ def _fashion_from_network(dest: Path) -> None:
 
 
 def _cifar_from_network(source: str, dest: Path) -> None:
-    from torchvision import datasets
     from torchvision.datasets.utils import download_url
 
-    cls = datasets.CIFAR10 if source == "cifar10" else datasets.CIFAR100
+    cls = _cifar_class(source)
     with tempfile.TemporaryDirectory(prefix="blockdrop-fetch-") as tmp:
         try:
             download_url(cls.url, tmp, cls.filename, cls.tgz_md5)  # refuses a download whose md5 differs
