@@ -14,7 +14,9 @@ the whole run, p50/p99 latency of a request), then one request of ``--large`` im
 ``--repeats``). Requests are encoded before the clock starts: the time is the server's and the network's.
 Every served rate is printed as a ratio to the engine's, measured before and after the server (the mean of
 both), so a busy machine shows as a drift between the two, not as a wrong ratio. The engine is timed from the
-main thread and from another one (where the server runs ``predict``) and the faster counts.
+main thread and from another one (where the server runs ``predict``) and the faster counts. The engine is also
+timed at batch ``--per-request``: the column ``/same batch`` divides the small requests' rate by it, since a
+server that runs each request alone can reach no more, however small its overheads.
 
     python bench/serving.py                    # models/blockdrop.pt and data/prepared when present
     python bench/serving.py --workers 2        # 2 processes, CPUs / 2 torch threads each (as make serve)
@@ -94,9 +96,10 @@ def load_networks(models_dir: Path, shape: list[int], classes: int) -> tuple[Pat
     return path, f"RANDOM WEIGHTS ({models_dir / 'blockdrop.pt'} missing): ResNet-32 + ResNet-8"
 
 
-def engine_rate(predictor: BatchedSkippingPredictor, x: torch.Tensor, rounds: int = 5) -> float:
-    """Images/s of the predictor at batch 64 on normalised images: the median over ``rounds`` passes."""
-    batches = list(x.split(ENGINE_BATCH))
+def engine_rate(predictor: BatchedSkippingPredictor, x: torch.Tensor, rounds: int = 5,
+                batch: int = ENGINE_BATCH) -> float:
+    """Images/s of the predictor at ``batch`` on normalised images: the median over ``rounds`` passes."""
+    batches = list(x.split(batch))
     predictor(batches[0])  # warm-up: oneDNN primitives for this shape
     times = []
     for _ in range(rounds):
@@ -285,6 +288,9 @@ def main() -> None:
           f"here {torch.get_num_threads()} thread(s)")
     print(f"models: {models_note}\nimages: {images_note}")
     engine = [engine_rates(predictor, x)]
+    # The same engine on batches of one request's size: what a server that runs each request on its own
+    # (as MLflow's does; it has no batching across requests) can reach at best, whatever its overheads.
+    small = engine_rate(predictor, x, batch=args.per_request)
     in_process = pyfunc_rate(local, images[:1024])
 
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
@@ -325,13 +331,18 @@ def main() -> None:
     print(f"\nengine (BatchedSkippingPredictor, batch {ENGINE_BATCH}), images/s: " + "; ".join(
         f"{when} the server: " + ", ".join(f"{rate:.0f} from the {where}" for where, rate in rates.items())
         for when, rates in zip(("before", "after"), engine, strict=True)) + f"; reference {ref:.0f}")
+    print(f"engine at batch {args.per_request} (one small request's size): {small:.0f} images/s ({small / ref:.2f}x "
+          f"the batch-{ENGINE_BATCH} reference): the most the concurrent clients' rows can reach without batching "
+          "requests together")
     print(f"the pyfunc's predict in this process (main thread): {in_process:.0f} images/s ({in_process / ref:.2f}x "
           "the engine)")
     print(f"\n{'format':<6} {'load':<24} {'bytes/img':>9} {'images/s':>9} {'p50 ms':>7} {'p99 ms':>7} "
-          f"{'served/engine':>14}")
+          f"{'served/engine':>14} {'/same batch':>11}")
     for fmt, load, rate, lat, size in rows:
         q = np.percentile(np.array(lat) * 1e3, [50, 99])
-        print(f"{fmt:<6} {load:<24} {size:>9.0f} {rate:>9.0f} {q[0]:>7.0f} {q[1]:>7.0f} {rate / ref:>14.3f}")
+        same_batch = small if load.endswith(f"x {args.per_request} images") else ref
+        print(f"{fmt:<6} {load:<24} {size:>9.0f} {rate:>9.0f} {q[0]:>7.0f} {q[1]:>7.0f} {rate / ref:>14.3f} "
+              f"{rate / same_batch:>11.3f}")
     for i in range(0, len(rows), 2):
         print(f"png / lists, {rows[i][1]}: {rows[i + 1][2] / rows[i][2]:.2f}x the images/s")
     print(f"\n(load average {os.getloadavg()[0]:.2f} at end; p99 of {args.clients * args.requests} requests per "

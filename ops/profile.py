@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args(argv)
     yaml = YAML()
+    yaml.preserve_quotes = True  # '"0 3 * * 1"' stays quoted, as written
     params = yaml.load(args.params)
     try:
         merge(params, YAML(typ="safe").load(args.profile) or {})
