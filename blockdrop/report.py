@@ -19,7 +19,7 @@ import pandas as pd
 
 from blockdrop.analysis.analyze import FIGURES
 from blockdrop.analysis.style import VARIANT_LABELS, VARIANTS
-from blockdrop.config import Params
+from blockdrop.config import Params, flatten
 from blockdrop.files import atomic_write_text
 from blockdrop.project import git_commit
 from blockdrop.readings import PAPER_ROW, READINGS, ReportInputs, num, pct, summary
@@ -170,6 +170,7 @@ def build_report(reports_dir: str | Path, params: Params, params_text: str, comm
                         "blocks of the pretrained backbone, with k BlockDrop's mean rounded. The paper's row is "
                         "another dataset and a 3.6x deeper network: compare the shape (fraction of blocks, "
                         "accuracy kept), not the numbers."))
+    blocks.extend(_seed_blocks(reports, params))
     if isinstance(inp.evaluate.get("full_finetuned"), dict):
         blocks.append(("p", "Two full networks: the pretrained backbone BlockDrop starts from, never trained "
                             "further (the paper's baseline), and the same backbone trained further exactly as "
@@ -229,6 +230,49 @@ def _sweep_blocks(reports: Path) -> list[tuple]:
                        "backbone as the dotted line (and, where the experiments evaluated it, the one trained as "
                        "BlockDrop's backbone as the dash-dotted line)."))
     return blocks
+
+
+SEED_ROWS = (  # (label, experiments.csv column or a function of a row, scale, unit)
+    ("Full ResNet, pretrained", "full.accuracy", 100, "%"),
+    ("Full ResNet, trained as BlockDrop's backbone", "full_finetuned.accuracy", 100, "%"),
+    ("BlockDrop", "blockdrop.accuracy", 100, "%"),
+    ("BlockDrop minus the trained full ResNet (points)",
+     lambda r: r["blockdrop.accuracy"] - r["full_finetuned.accuracy"], 100, ""),
+    ("Blocks used", "blockdrop.block_fraction", 100, "%"),
+    ("Speedup, FLOPs", "speedup.flops_ratio", 1, "x"),
+    ("Speedup, measured at batch 1", "speedup.measured_batch1", 1, "x"),
+)
+
+
+def _seed_blocks(reports: Path, params: Params) -> list[tuple]:
+    """This run's setting over seeds: the committed sweep's experiments (``reports/sweep``) whose every grid key
+    but ``seed`` has this run's value, as a table of each seed and the mean ± standard deviation. Nothing when
+    the sweep did not vary the seed or ran this setting on fewer than two seeds."""
+    folder = reports / "sweep"
+    if not (folder / "experiments.csv").exists() or not (folder / "sweep.json").exists():
+        return []
+    grid = json.loads((folder / "sweep.json").read_text()).get("grid", {})
+    table = pd.read_csv(folder / "experiments.csv")
+    if "seed" not in grid or "seed" not in table.columns or "full_finetuned.accuracy" not in table.columns:
+        return []
+    ours = flatten(params.model_dump())
+    for key in grid:
+        if key != "seed":
+            table = table[table[key].astype(str) == str(ours[key])]
+    table = table.sort_values("seed")
+    if len(table) < 2:
+        return []
+    header = ["", *(f"seed {s}" for s in table["seed"]), "mean ± std"]
+    rows = []
+    for label, column, scale, unit in SEED_ROWS:
+        values = scale * (table.apply(column, axis=1) if callable(column) else table[column])
+        digits = 1 if unit == "%" and label == "Blocks used" else 2
+        cells = [f"{v:.{digits}f}{unit}" for v in values]
+        rows.append([label, *cells, f"{values.mean():.{digits}f} ± {values.std():.{digits}f}{unit}"])
+    setting = ", ".join(f"{k} = {ours[k]}" for k in grid if k != "seed") or "this run's setting"
+    text = (f"Over {len(table)} seeds ({setting}; every seed reruns every stage, from its own validation split "
+            f"and backbone; `make sweep`, files in reports/sweep), sample standard deviation:")
+    return [("p", text), ("table", header, rows, None)]
 
 
 def _pct(v: float) -> str:

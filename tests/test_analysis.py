@@ -268,3 +268,33 @@ def test_every_sentence_comparing_with_the_full_network_names_which(analyzed):
     assert f"the full network trained as BlockDrop's backbone ({100 * trained:.1f}%" in md
     gap = 100 * (evaluate["blockdrop"]["accuracy"] - trained)
     assert f"{abs(gap):.1f} points {'below' if gap < 0 else 'above'} the full network trained as" in md
+
+
+def test_report_shows_this_setting_over_seeds_from_the_sweep(analyzed):
+    # A sweep of two penalties over three seeds: the report's headline table holds this run's setting's three
+    # seeds (penalty 2) with their mean and sample std, and nothing of the other setting.
+    root, _, _ = analyzed
+    sweep = root / "reports/sweep"
+    sweep.mkdir(exist_ok=True)
+    rows = []
+    for penalty, shift in ((2.0, 0.0), (5.0, 0.05)):
+        for seed, (bd, ft) in enumerate(((0.885, 0.900), (0.890, 0.902), (0.880, 0.907))):
+            rows.append({"experiment": f"sweep-penalty-{penalty}_seed-{seed}", "finetune.penalty": penalty,
+                         "seed": seed, "full.accuracy": 0.88, "full_finetuned.accuracy": ft,
+                         "blockdrop.accuracy": bd + shift, "blockdrop.block_fraction": 0.5 + shift,
+                         "speedup.flops_ratio": 1.8, "speedup.measured_batch1": 1.4 + seed / 10})
+    pd.DataFrame(rows).to_csv(sweep / "experiments.csv", index=False)
+    (sweep / "sweep.json").write_text(json.dumps({"grid": {"finetune.penalty": [2.0, 5.0], "seed": [0, 1, 2]}}))
+    params = Params.model_validate({"finetune": {"penalty": 2.0}})
+    try:  # the workspace is the module's: leave it as found
+        md, _ = build_report(root / "reports", params, "seed: 0\n", commit="abc1234")
+        other, _ = build_report(root / "reports", Params.model_validate({"finetune": {"penalty": 3.0}}), "", "x")
+    finally:
+        for name in ("experiments.csv", "sweep.json"):
+            (sweep / name).unlink()
+    assert "Over 3 seeds (finetune.penalty = 2.0;" in md
+    assert "| BlockDrop | 88.50% | 89.00% | 88.00% | 88.50 ± 0.50% |" in md
+    assert "| BlockDrop minus the trained full ResNet (points) | -1.50 | -1.20 | -2.70 | -1.80 ± 0.79 |" in md
+    assert "| Speedup, measured at batch 1 | 1.40x | 1.50x | 1.60x | 1.50 ± 0.10x |" in md
+    assert "93.50%" not in md  # the other penalty's seeds
+    assert "Over 3 seeds" not in other  # a setting the sweep never ran gets no seed table
