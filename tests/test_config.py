@@ -242,7 +242,7 @@ def test_select_params() -> None:
     p = parse_params(merged("seed: 4\npretrain: {epochs: 9}"))
     selected = select_params(p, ["seed", "model", "pretrain.epochs", "pretrain.lr"])
     assert selected == {"seed": 4, "model.depth": 32, "model.weights": "", "model.policy_weights": "",
-                        "model.policy_pool": 0, "pretrain.epochs": 9, "pretrain.lr": p.pretrain.lr}
+                        "model.policy_pool": p.model.policy_pool, "pretrain.epochs": 9, "pretrain.lr": p.pretrain.lr}
     # A key is a whole name or a section: "pretrain.epoch" selects nothing.
     assert select_params(p, ["pretrain.epoch"]) == {}
     assert select_params(p, []) == {}
