@@ -232,15 +232,15 @@ def _sweep_blocks(reports: Path) -> list[tuple]:
     return blocks
 
 
-SEED_ROWS = (  # (label, experiments.csv column or a function of a row, scale, unit)
-    ("Full ResNet, pretrained", "full.accuracy", 100, "%"),
-    ("Full ResNet, trained as BlockDrop's backbone", "full_finetuned.accuracy", 100, "%"),
-    ("BlockDrop", "blockdrop.accuracy", 100, "%"),
+SEED_ROWS = (  # (label, experiments.csv column or a function of a row, scale, digits, unit)
+    ("Full ResNet, pretrained", "full.accuracy", 100, 2, "%"),
+    ("Full ResNet, trained as BlockDrop's backbone", "full_finetuned.accuracy", 100, 2, "%"),
+    ("BlockDrop", "blockdrop.accuracy", 100, 2, "%"),
     ("BlockDrop minus the trained full ResNet (points)",
-     lambda r: r["blockdrop.accuracy"] - r["full_finetuned.accuracy"], 100, ""),
-    ("Blocks used", "blockdrop.block_fraction", 100, "%"),
-    ("Speedup, FLOPs", "speedup.flops_ratio", 1, "x"),
-    ("Speedup, measured at batch 1", "speedup.measured_batch1", 1, "x"),
+     lambda r: r["blockdrop.accuracy"] - r["full_finetuned.accuracy"], 100, 2, ""),
+    ("Blocks used", "blockdrop.block_fraction", 100, 1, "%"),
+    ("Speedup, FLOPs", "speedup.flops_ratio", 1, 2, "x"),
+    ("Speedup, measured at batch 1", "speedup.measured_batch1", 1, 2, "x"),
 )
 
 
@@ -264,9 +264,8 @@ def _seed_blocks(reports: Path, params: Params) -> list[tuple]:
         return []
     header = ["", *(f"seed {s}" for s in table["seed"]), "mean ± std"]
     rows = []
-    for label, column, scale, unit in SEED_ROWS:
+    for label, column, scale, digits, unit in SEED_ROWS:
         values = scale * (table.apply(column, axis=1) if callable(column) else table[column])
-        digits = 1 if unit == "%" and label == "Blocks used" else 2
         cells = [f"{v:.{digits}f}{unit}" for v in values]
         rows.append([label, *cells, f"{values.mean():.{digits}f} ± {values.std():.{digits}f}{unit}"])
     setting = ", ".join(f"{k} = {ours[k]}" for k in grid if k != "seed") or "this run's setting"
