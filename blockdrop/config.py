@@ -184,6 +184,10 @@ class Pretrain(Section):
     # Train on random crop_size x crop_size windows (0: full size) and test on whole images. Smaller
     # crops are cheaper: a 20x20 window has half the pixels of a 28x28 Fashion-MNIST image.
     crop_size: NonNegInt = 0
+    # The last full_size_epochs of them see whole images instead of crop_size windows (crop_padding and flip
+    # still apply): a network trained on small windows and tested on whole images meets objects at a scale it
+    # never saw, and a last epoch at the test's size, at the schedule's low lr, fixes it (FixRes, Touvron et al.).
+    full_size_epochs: NonNegInt = 0
     flip: bool = True
 
     @model_validator(mode="after")
@@ -191,6 +195,9 @@ class Pretrain(Section):
         if self.warmup_epochs > self.epochs:
             raise Conflict(("warmup_epochs", "epochs"), f"warm-up of {self.warmup_epochs:g} epochs is longer "
                            f"than the {self.epochs} epochs of training")
+        if self.full_size_epochs > self.epochs:
+            raise Conflict(("full_size_epochs", "epochs"), f"{self.full_size_epochs} full-size epochs of "
+                           f"{self.epochs} epochs of training")
         return self
 
     @field_validator("crop_size")

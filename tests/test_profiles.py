@@ -37,7 +37,7 @@ CIFAR10_R32 = {
     "pretrain.epochs": 164, "pretrain.batch_size": 128, "pretrain.lr": 0.1, "pretrain.lr_schedule": "step",
     "pretrain.warmup_epochs": 0.0, "pretrain.momentum": 0.9, "pretrain.weight_decay": 1e-4,
     "pretrain.label_smoothing": 0.0, "pretrain.drop_path": 0.0, "pretrain.drop_path_unit": "image",
-    "pretrain.crop_padding": 4, "pretrain.crop_size": 0, "pretrain.flip": True,
+    "pretrain.crop_padding": 4, "pretrain.crop_size": 0, "pretrain.full_size_epochs": 0, "pretrain.flip": True,
     # cl_training.py's defaults: Adam lr 1e-3, batch 256, 10000 epochs, gamma 1, alpha 0.8, beta 0.1
     "curriculum.epochs": 10000, "curriculum.images_per_epoch": 45000, "curriculum.batch_size": 256,
     "curriculum.lr": 1e-3, "curriculum.alpha": 0.8, "curriculum.beta": 0.1, "curriculum.penalty": 1.0,
@@ -68,6 +68,7 @@ IMAGENET_R101 = {
     "model.depth": 101, "model.weights": "models/pretrained/resnet101-63fe2227.pth",
     "model.policy_weights": "models/pretrained/resnet18-f37072fd.pth", "model.policy_pool": 2,  # Policy224: 112 px
     "pretrain.epochs": 0, "pretrain.warmup_epochs": 0.0, "pretrain.crop_padding": 0, "pretrain.crop_size": 0,
+    "pretrain.full_size_epochs": 0,
     "curriculum.epochs": 45, "curriculum.images_per_epoch": 1271167, "curriculum.batch_size": 2048,
     "curriculum.lr": 1e-3, "curriculum.alpha": 0.8, "curriculum.beta": 0.1, "curriculum.penalty": 1.0,
     "curriculum.crop_padding": 0, "curriculum.flip": True, "curriculum.val_images": 0, "curriculum.unlock_every": 0,
@@ -99,7 +100,7 @@ FASHION_R110 = {
     "pretrain.epochs": 4, "pretrain.batch_size": 128, "pretrain.lr": 0.1, "pretrain.lr_schedule": "cosine",
     "pretrain.warmup_epochs": 1.0, "pretrain.momentum": 0.9, "pretrain.weight_decay": 5e-4,
     "pretrain.label_smoothing": 0.1, "pretrain.drop_path": 0.5, "pretrain.drop_path_unit": "image",
-    "pretrain.crop_padding": 0, "pretrain.crop_size": 20, "pretrain.flip": True,
+    "pretrain.crop_padding": 0, "pretrain.crop_size": 20, "pretrain.full_size_epochs": 0, "pretrain.flip": True,
     "curriculum.epochs": 24, "curriculum.images_per_epoch": 5000, "curriculum.batch_size": 256,
     "curriculum.lr": 1e-3, "curriculum.alpha": 0.8, "curriculum.beta": 0.1, "curriculum.penalty": 1.0,
     "curriculum.crop_padding": 4, "curriculum.flip": True, "curriculum.val_images": 2000, "curriculum.unlock_every": 4,

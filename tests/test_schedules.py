@@ -73,6 +73,25 @@ def test_pretrain_step_schedule_resumes_on_the_same_curve(tmp_path: Path) -> Non
         assert (a["lr"], a["train/loss"]) == (b["lr"], b["train/loss"])
 
 
+@pytest.mark.parametrize("full_size_epochs", [0, 1, 3])
+def test_pretrain_last_full_size_epochs_train_on_whole_images(tmp_path: Path, full_size_epochs: int) -> None:
+    """pretrain.full_size_epochs: the last epochs see the 16x16 images whole, the others 8x8 windows."""
+    torch.manual_seed(0)
+    model, sides = cifar_resnet(8, 10, 1), []
+    model.register_forward_pre_hook(lambda m, args: sides.append(args[0].shape[-1]) if m.training else None)
+    cfg = Pretrain(epochs=3, batch_size=32, lr=0.05, warmup_epochs=0, crop_padding=0, crop_size=8,
+                   full_size_epochs=full_size_epochs)
+    loop = TrainContext(torch.Generator().manual_seed(0), "fp32", tmp_path / "state.pt", "key")
+    pretrain_backbone(model, tiny_split(64, 1), tiny_split(32, 2), NORMALIZE, cfg, loop)
+    per_epoch = [sorted(set(sides[i:i + 2])) for i in range(0, len(sides), 2)]  # 64 images, batch 32: 2 steps
+    assert per_epoch == [[8]] * (3 - full_size_epochs) + [[16]] * full_size_epochs
+
+
+def test_pretrain_full_size_epochs_cannot_exceed_the_epochs() -> None:
+    with pytest.raises(ValueError, match="full_size_epochs"):
+        Pretrain(epochs=2, warmup_epochs=0, full_size_epochs=3)
+
+
 # --- curriculum.unlock_every ------------------------------------------------------------------------------
 
 

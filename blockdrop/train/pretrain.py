@@ -134,8 +134,9 @@ def pretrain_backbone(
     for epoch in range(start, cfg.epochs):
         model.train()
         t0, seen, loss_sum, correct = time.perf_counter(), 0, torch.zeros(()), torch.zeros(())
+        crop_size = 0 if epoch >= cfg.epochs - cfg.full_size_epochs else cfg.crop_size  # the last ones: whole images
         stream = batches(train, cfg.batch_size, normalize, generator=generator, shuffle=True,
-                         crop_padding=cfg.crop_padding, crop_size=cfg.crop_size, flip=cfg.flip, dist=dist)
+                         crop_padding=cfg.crop_padding, crop_size=crop_size, flip=cfg.flip, dist=dist)
         for step, (x, y) in enumerate(tqdm(stream, total=steps_per_epoch, desc=f"pretrain {epoch + 1}/{cfg.epochs}",
                                            leave=False, mininterval=5, disable=not dist.is_main), 1):
             with autocast(precision, device):
@@ -162,8 +163,9 @@ def pretrain_backbone(
             "images_per_s": seen / epoch_seconds, "epoch_seconds": epoch_seconds,
         }
         result.history.append(row)
-        log.info("pretrain epoch %d/%d  loss %.4f  train acc %.4f  val acc %.4f  %.0f img/s",
-                 epoch + 1, cfg.epochs, row["train/loss"], row["train/accuracy"], val_acc, row["images_per_s"])
+        log.info("pretrain epoch %d/%d  %s  loss %.4f  train acc %.4f  val acc %.4f  %.0f img/s",
+                 epoch + 1, cfg.epochs, f"{crop_size} px crops" if crop_size else "whole images", row["train/loss"],
+                 row["train/accuracy"], val_acc, row["images_per_s"])
         loop.epoch_done(epoch + 1, parts, result.history)
 
     result.val_accuracy = result.history[-1]["val/accuracy"] if result.history else 0.0
