@@ -12,11 +12,14 @@ normalised images at batch 64, and the pyfunc's own ``predict`` in this process 
 For each format: ``--clients`` concurrent clients sending ``--per-request`` images per request (images/s over
 the whole run, p50/p99 latency of a request), then one request of ``--large`` images (the median of
 ``--repeats``). Requests are encoded before the clock starts: the time is the server's and the network's.
-Every served rate is printed as a ratio to the engine's, measured before and after the server (the mean of
+The concurrent clients are measured twice, on the server as ``make serve`` runs it (concurrent requests share
+forwards of up to ``--max-batch`` images: ``serving.RequestBatcher``) and on a second server that runs each
+request alone (max batch 1), and the ratio of the two is printed.
+Every served rate is printed as a ratio to the engine's, measured before and after the servers (the mean of
 both), so a busy machine shows as a drift between the two, not as a wrong ratio. The engine is timed from the
 main thread and from another one (where the server runs ``predict``) and the faster counts. The engine is also
-timed at batch ``--per-request``: the column ``/same batch`` divides the small requests' rate by it, since a
-server that runs each request alone can reach no more, however small its overheads.
+timed at batch ``--per-request``: the column ``/same batch`` divides the small requests' rate by it, the most a
+server that runs each request alone could reach, however small its overheads.
 
     python bench/serving.py                    # models/blockdrop.pt and data/prepared when present
     python bench/serving.py --workers 2        # 2 processes, CPUs / 2 torch threads each (as make serve)
@@ -58,6 +61,7 @@ from blockdrop.models import cifar_resnet, load_blockdrop, policy_resnet8, save_
 from ops.serve import worker_threads  # noqa: E402
 
 ENGINE_BATCH = 64
+FORMATS = ("lists", "png")
 FASHION = (["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"],
            [0.286], [0.353])  # classes, mean, std of Fashion-MNIST: what a model without data/prepared is told
 
@@ -169,7 +173,7 @@ def request_body(images: np.ndarray, fmt: str) -> bytes:
 class Server:
     """``mlflow models serve`` on a free port, in its own process group; its RSS is read from /proc."""
 
-    def __init__(self, uri: str, store: Path, workers: int, threads: int) -> None:
+    def __init__(self, uri: str, store: Path, workers: int, threads: int, max_batch: int) -> None:
         import socket
 
         with socket.socket() as s:
@@ -178,15 +182,17 @@ class Server:
         env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store / 'mlflow.db'}",
                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
         env["OMP_NUM_THREADS"] = str(threads)  # torch's intra-op threads in each worker, as `make serve` sets them
+        env[serving.MAX_BATCH_ENV] = str(max_batch)  # as `make serve --max-batch` sets it
+        self.log_path = store / f"serve-{max_batch}.log"
         cmd = [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", uri, "-h", "127.0.0.1",
                "-p", str(self.port), "-w", str(workers), "--env-manager", "local"]
-        self.log = open(store / "serve.log", "w")  # noqa: SIM115  (closed in stop)
+        self.log = open(self.log_path, "w")  # noqa: SIM115  (closed in stop)
         self.proc = subprocess.Popen(cmd, cwd=store, env=env, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         deadline = time.monotonic() + 300
         while True:
             if self.proc.poll() is not None:
-                sys.exit(f"mlflow models serve exited:\n{(store / 'serve.log').read_text()[-3000:]}")
+                sys.exit(f"mlflow models serve exited:\n{self.log_path.read_text()[-3000:]}")
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/ping", timeout=2):
                     break
@@ -270,6 +276,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=40, help="measured requests per client and format")
     parser.add_argument("--large", type=int, default=1000, help="images in the one large request")
     parser.add_argument("--repeats", type=int, default=3, help="times the large request is sent per format")
+    parser.add_argument("--max-batch", type=int, default=serving.CHUNK,
+                        help="images concurrent requests may share a forward with (make serve --max-batch)")
     args = parser.parse_args()
     threads = worker_threads(args.workers, args.threads, os.environ.get("OMP_NUM_THREADS"))
     torch.set_num_threads(threads)  # the engine runs as one worker does
@@ -297,31 +305,41 @@ def main() -> None:
         store = Path(tmp)
         t0 = time.perf_counter()
         uri = log_model(store, checkpoint, spec, images)
-        server = Server(uri, store, args.workers, threads)
-        print(f"served {uri} on port {server.port} ({time.perf_counter() - t0:.0f} s to log and start)")
-        try:
-            rss = server.rss_mib()
-            print("resident memory: " + ", ".join(f"{name} {mib:.0f} MiB" for name, mib in rss) +
-                  f"; total {sum(m for _, m in rss):.0f} MiB")
-            rows, answers = [], {}
-            n, k = args.per_request, len(images) // args.per_request
-            for fmt in ("lists", "png"):
-                bodies = [request_body(images[i * n:(i + 1) * n], fmt) for i in range(k)]
-                rate, lat = concurrent(server.port, bodies, args.clients, args.requests, n)
-                rows.append((fmt, f"{args.clients} clients x {n} images", rate, lat, len(bodies[0]) / n, small))
-            for fmt in ("lists", "png"):
-                body = request_body(images[:args.large], fmt)
-                conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=600)
-                lat = []
-                for _ in range(args.repeats):
-                    seconds, answers[fmt] = post(conn, body)
-                    lat.append(seconds)
-                conn.close()
-                rows.append((fmt, f"1 request x {args.large} images", args.large / statistics.median(lat), lat,
-                             len(body) / args.large, None))  # bound: the batch-64 reference
-            rss = server.rss_mib()
-        finally:
-            server.stop()
+        rows, answers = [], {}
+        n, k = args.per_request, len(images) // args.per_request
+        small_bodies = {fmt: [request_body(images[i * n:(i + 1) * n], fmt) for i in range(k)] for fmt in FORMATS}
+        # First the server as `make serve` runs it, concurrent requests sharing forwards; then the same server with
+        # each request alone (max batch 1), under the same small-request load: the ratio is what sharing gives.
+        for max_batch in (args.max_batch, 1):
+            server = Server(uri, store, args.workers, threads, max_batch)
+            print(f"served {uri} on port {server.port}, max batch {max_batch} ({time.perf_counter() - t0:.0f} s to "
+                  "log and start)")
+            t0 = time.perf_counter()
+            try:
+                if max_batch == args.max_batch:
+                    rss = server.rss_mib()
+                    print("resident memory: " + ", ".join(f"{name} {mib:.0f} MiB" for name, mib in rss) +
+                          f"; total {sum(m for _, m in rss):.0f} MiB")
+                for fmt in FORMATS:
+                    rate, lat = concurrent(server.port, small_bodies[fmt], args.clients, args.requests, n)
+                    rows.append((fmt, f"{args.clients} clients x {n} images", max_batch, rate, lat,
+                                 len(small_bodies[fmt][0]) / n, small))
+                if max_batch != args.max_batch:
+                    continue
+                for fmt in FORMATS:  # one request: nothing to share, measured once
+                    body = request_body(images[:args.large], fmt)
+                    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=600)
+                    lat = []
+                    for _ in range(args.repeats):
+                        seconds, answers[fmt] = post(conn, body)
+                        lat.append(seconds)
+                    conn.close()
+                    rows.append((fmt, f"1 request x {args.large} images", max_batch,
+                                 args.large / statistics.median(lat), lat, len(body) / args.large,
+                                 None))  # bound: the batch-64 reference
+                rss = server.rss_mib()
+            finally:
+                server.stop()
     engine.append(engine_rates(predictor, x))
     ref = statistics.mean(max(rates.values()) for rates in engine)  # the engine at its best, before and after
 
@@ -336,14 +354,21 @@ def main() -> None:
           "requests together")
     print(f"the pyfunc's predict in this process (main thread): {in_process:.0f} images/s ({in_process / ref:.2f}x "
           "the engine)")
-    print(f"\n{'format':<6} {'load':<24} {'bytes/img':>9} {'images/s':>9} {'p50 ms':>7} {'p99 ms':>7} "
-          f"{'served/engine':>14} {'/same batch':>11}")
-    for fmt, load, rate, lat, size, bound in rows:
+    print(f"\n{'format':<6} {'load':<24} {'max batch':>9} {'bytes/img':>9} {'images/s':>9} {'p50 ms':>7} "
+          f"{'p99 ms':>7} {'served/engine':>14} {'/same batch':>11}")
+    for fmt, load, max_batch, rate, lat, size, bound in rows:
         q = np.percentile(np.array(lat) * 1e3, [50, 99])
-        print(f"{fmt:<6} {load:<24} {size:>9.0f} {rate:>9.0f} {q[0]:>7.0f} {q[1]:>7.0f} {rate / ref:>14.3f} "
-              f"{rate / (bound or ref):>11.3f}")
-    for i in range(0, len(rows), 2):
-        print(f"png / lists, {rows[i][1]}: {rows[i + 1][2] / rows[i][2]:.2f}x the images/s")
+        print(f"{fmt:<6} {load:<24} {max_batch:>9} {size:>9.0f} {rate:>9.0f} {q[0]:>7.0f} {q[1]:>7.0f} "
+              f"{rate / ref:>14.3f} {rate / (bound or ref):>11.3f}")
+    rate = {(fmt, load, max_batch): r for fmt, load, max_batch, r, *_ in rows}
+    for fmt, load, max_batch in rate:
+        if fmt == "png":
+            png_over_lists = rate["png", load, max_batch] / rate["lists", load, max_batch]
+            print(f"png / lists, {load}, max batch {max_batch}: {png_over_lists:.2f}x the images/s")
+    for fmt in FORMATS:
+        load = f"{args.clients} clients x {n} images"
+        print(f"{fmt}, {load}: requests sharing forwards (max batch {args.max_batch}) / each alone: "
+              f"{rate[fmt, load, args.max_batch] / rate[fmt, load, 1]:.2f}x the images/s")
     print(f"\n(load average {os.getloadavg()[0]:.2f} at end; p99 of {args.clients * args.requests} requests per "
           f"format is a rough tail)")
 

@@ -1,6 +1,7 @@
 """``make serve``: the registered BlockDrop model over HTTP, with MLflow's own server.
 
-    python -m ops.serve [--alias champion] [--port 5001] [--workers 1] [--threads N] [--env-manager local]
+    python -m ops.serve [--alias champion] [--port 5001] [--workers 1] [--threads N] [--max-batch 256]
+                        [--env-manager local]
 
 Finds the registered model this project's params name (``blockdrop-<dataset>-resnet<depth>``), checks that
 the alias points at a version, then replaces itself with
@@ -12,6 +13,10 @@ Each worker is a process with its own copy of the model and its own torch thread
 threads per worker, as ``OMP_NUM_THREADS``) defaults to the CPUs divided among the workers: N workers with
 every CPU each would fight over the cores. An ``OMP_NUM_THREADS`` already set is kept unless ``--threads``
 is given.
+
+Within a worker, requests that arrive while the network is busy share its next forward, up to ``--max-batch``
+images (``blockdrop.serving.RequestBatcher``; the model reads ``BLOCKDROP_MAX_BATCH`` when it loads); 1 runs
+each request alone.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import os
 import sys
 from pathlib import Path
 
-from blockdrop import config, tracking
+from blockdrop import config, serving, tracking
 
 
 def worker_threads(workers: int, threads: int = 0, omp_env: str | None = None) -> int:
@@ -40,10 +45,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=5001)
     parser.add_argument("--workers", type=int, default=1, help="server processes, each with its own model")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per worker (default: CPUs / workers)")
+    parser.add_argument("--max-batch", type=int, default=serving.CHUNK,
+                        help="images concurrent requests may share a forward with (1: each request alone)")
     parser.add_argument("--env-manager", default="local", choices=("local", "virtualenv", "uv", "conda"))
     args = parser.parse_args(argv)
-    if args.workers < 1 or args.threads < 0:
-        parser.error("--workers must be at least 1 and --threads at least 0")
+    if args.workers < 1 or args.threads < 0 or args.max_batch < 1:
+        parser.error("--workers and --max-batch must be at least 1, --threads at least 0")
     p = config.load_params()
     name = tracking.registry_name(p.data.dataset, p.model.depth)
     version = tracking.get_alias_version(name, args.alias)
@@ -53,8 +60,10 @@ def main(argv: list[str] | None = None) -> None:
     uri = f"models:/{name}@{args.alias}"
     threads = worker_threads(args.workers, args.threads, os.environ.get("OMP_NUM_THREADS"))
     print(f"serving {uri} (version {version}) on http://127.0.0.1:{args.port}/invocations, {args.workers} "
-          f"worker(s) x {threads} torch thread(s)", flush=True)
+          f"worker(s) x {threads} torch thread(s), requests sharing forwards of up to {args.max_batch} images",
+          flush=True)
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking.tracking_uri(), "OMP_NUM_THREADS": str(threads),
+           serving.MAX_BATCH_ENV: str(args.max_batch),
            "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
            # the scoring server is started as `uvicorn ...` by name: it must be this venv's
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
