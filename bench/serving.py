@@ -19,7 +19,10 @@ Every served rate is printed as a ratio to the engine's, measured before and aft
 both), so a busy machine shows as a drift between the two, not as a wrong ratio. The engine is timed from the
 main thread and from another one (where the server runs ``predict``) and the faster counts. The engine is also
 timed at batch ``--per-request``: the column ``/same batch`` divides the small requests' rate by it, the most a
-server that runs each request alone could reach, however small its overheads.
+server that runs each request alone could reach, however small its overheads. The column ``server cores`` is
+the CPU time the server's processes used during the concurrent load divided by its wall time, and each busy
+process's share when there are several: the clients run on the same machine and use the rest, and the kept-alive
+connections of the clients stay with the worker that accepted them, so workers can be unevenly loaded.
 
     python bench/serving.py                    # models/blockdrop.pt and data/prepared when present
     python bench/serving.py --workers 2        # 2 processes, CPUs / 2 torch threads each (as make serve)
@@ -114,12 +117,12 @@ def engine_rate(predictor: BatchedSkippingPredictor, x: torch.Tensor, rounds: in
     return len(x) / statistics.median(times)
 
 
-def engine_rates(predictor: BatchedSkippingPredictor, x: torch.Tensor) -> dict[str, float]:
+def engine_rates(predictor: BatchedSkippingPredictor, x: torch.Tensor, batch: int = ENGINE_BATCH) -> dict[str, float]:
     """:func:`engine_rate` called from the main thread and from another thread, as the scoring server calls
     ``predict`` (``asyncio.to_thread``). They are kept apart because they can differ: on a machine whose cores
     are busy with other processes, torch's threads from the main thread were several times slower here."""
-    rates = {"main thread": engine_rate(predictor, x)}
-    worker = threading.Thread(target=lambda: rates.__setitem__("other thread", engine_rate(predictor, x)))
+    rates = {"main thread": engine_rate(predictor, x, batch=batch)}
+    worker = threading.Thread(target=lambda: rates.__setitem__("other thread", engine_rate(predictor, x, batch=batch)))
     worker.start()
     worker.join()
     return rates
@@ -219,6 +222,18 @@ class Server:
             rows.append((name, rss / 1024))
         return sorted(rows)
 
+    def cpu_seconds(self) -> dict[int, float]:
+        """CPU time (user + system) each process of the server's process group has used so far, by pid."""
+        seconds = {}
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == self.proc.pid:  # field 5 is the process group; 14 and 15 user and system time
+                seconds[int(pid)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return seconds
+
     def stop(self) -> None:
         os.killpg(self.proc.pid, 15)
         self.proc.wait(timeout=30)
@@ -298,7 +313,8 @@ def main() -> None:
     engine = [engine_rates(predictor, x)]
     # The same engine on batches of one request's size: what a server that runs each request on its own
     # (as MLflow's does; it has no batching across requests) can reach at best, whatever its overheads.
-    small = engine_rate(predictor, x, batch=args.per_request)
+    small_rates = engine_rates(predictor, x, batch=args.per_request)
+    small = max(small_rates.values())
     in_process = pyfunc_rate(local, images[:1024])
 
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
@@ -321,9 +337,14 @@ def main() -> None:
                     print("resident memory: " + ", ".join(f"{name} {mib:.0f} MiB" for name, mib in rss) +
                           f"; total {sum(m for _, m in rss):.0f} MiB")
                 for fmt in FORMATS:
+                    cpu, wall = server.cpu_seconds(), time.perf_counter()
                     rate, lat = concurrent(server.port, small_bodies[fmt], args.clients, args.requests, n)
+                    after, wall = server.cpu_seconds(), time.perf_counter() - wall  # the clients use the rest
+                    used = sorted((after[pid] - cpu.get(pid, 0.0)) / wall for pid in after)
+                    cores = f"{sum(used):.2f}" + (f" ({' + '.join(f'{c:.2f}' for c in used if c >= 0.05)})"
+                                                  if sum(c >= 0.05 for c in used) > 1 else "")
                     rows.append((fmt, f"{args.clients} clients x {n} images", max_batch, rate, lat,
-                                 len(small_bodies[fmt][0]) / n, small))
+                                 len(small_bodies[fmt][0]) / n, small, cores))
                 if max_batch != args.max_batch:
                     continue
                 for fmt in FORMATS:  # one request: nothing to share, measured once
@@ -336,7 +357,7 @@ def main() -> None:
                     conn.close()
                     rows.append((fmt, f"1 request x {args.large} images", max_batch,
                                  args.large / statistics.median(lat), lat, len(body) / args.large,
-                                 None))  # bound: the batch-64 reference
+                                 None, None))  # bound: the batch-64 reference
                 rss = server.rss_mib()
             finally:
                 server.stop()
@@ -349,17 +370,18 @@ def main() -> None:
     print(f"\nengine (BatchedSkippingPredictor, batch {ENGINE_BATCH}), images/s: " + "; ".join(
         f"{when} the server: " + ", ".join(f"{rate:.0f} from the {where}" for where, rate in rates.items())
         for when, rates in zip(("before", "after"), engine, strict=True)) + f"; reference {ref:.0f}")
-    print(f"engine at batch {args.per_request} (one small request's size): {small:.0f} images/s ({small / ref:.2f}x "
-          f"the batch-{ENGINE_BATCH} reference): the most the concurrent clients' rows can reach without batching "
-          "requests together")
+    print(f"engine at batch {args.per_request} (one small request's size), images/s: " + ", ".join(
+        f"{rate:.0f} from the {where}" for where, rate in small_rates.items()) + f"; the faster is {small / ref:.2f}x "
+          f"the batch-{ENGINE_BATCH} reference: the most the concurrent clients' rows can reach without sharing "
+          "forwards across requests")
     print(f"the pyfunc's predict in this process (main thread): {in_process:.0f} images/s ({in_process / ref:.2f}x "
           "the engine)")
     print(f"\n{'format':<6} {'load':<24} {'max batch':>9} {'bytes/img':>9} {'images/s':>9} {'p50 ms':>7} "
-          f"{'p99 ms':>7} {'served/engine':>14} {'/same batch':>11}")
-    for fmt, load, max_batch, rate, lat, size, bound in rows:
+          f"{'p99 ms':>7} {'served/engine':>14} {'/same batch':>11} {'server cores':>12}")
+    for fmt, load, max_batch, rate, lat, size, bound, cores in rows:
         q = np.percentile(np.array(lat) * 1e3, [50, 99])
         print(f"{fmt:<6} {load:<24} {max_batch:>9} {size:>9.0f} {rate:>9.0f} {q[0]:>7.0f} {q[1]:>7.0f} "
-              f"{rate / ref:>14.3f} {rate / (bound or ref):>11.3f}")
+              f"{rate / ref:>14.3f} {rate / (bound or ref):>11.3f} {cores or '':>12}")
     rate = {(fmt, load, max_batch): r for fmt, load, max_batch, r, *_ in rows}
     for fmt, load, max_batch in rate:
         if fmt == "png":
