@@ -137,9 +137,14 @@ def test_the_pyfunc_answers_concurrent_requests_as_it_answers_each_alone() -> No
     results: list = [None] * len(requests)
     threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, model.predict(None, requests[i])))
                for i in range(len(requests))]
-    for thread in threads:
+    threads[0].start()
+    deadline = time.monotonic() + 10
+    while not sizes:  # the first request holds the network before the others arrive
+        assert time.monotonic() < deadline, "the first request never reached the network"
+        time.sleep(0.001)
+    for thread in threads[1:]:
         thread.start()
-    wait_queued(model.batcher, len(requests) - 1)  # one holds the network, the rest wait to share a batch
+    wait_queued(model.batcher, len(requests) - 1)  # the rest wait to share one batch
     held.set()
     for thread in threads:
         thread.join(10)
