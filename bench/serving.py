@@ -337,10 +337,10 @@ def main() -> None:
                     print("resident memory: " + ", ".join(f"{name} {mib:.0f} MiB" for name, mib in rss) +
                           f"; total {sum(m for _, m in rss):.0f} MiB")
                 for fmt in FORMATS:
-                    cpu, wall = server.cpu_seconds(), time.perf_counter()
+                    before, started = server.cpu_seconds(), time.perf_counter()
                     rate, lat = concurrent(server.port, small_bodies[fmt], args.clients, args.requests, n)
-                    after, wall = server.cpu_seconds(), time.perf_counter() - wall  # the clients use the rest
-                    used = sorted((after[pid] - cpu.get(pid, 0.0)) / wall for pid in after)
+                    after, wall = server.cpu_seconds(), time.perf_counter() - started  # the clients use the rest
+                    used = sorted((after[pid] - before.get(pid, 0.0)) / wall for pid in after)
                     cores = f"{sum(used):.2f}" + (f" ({' + '.join(f'{c:.2f}' for c in used if c >= 0.05)})"
                                                   if sum(c >= 0.05 for c in used) > 1 else "")
                     rows.append((fmt, f"{args.clients} clients x {n} images", max_batch, rate, lat,
