@@ -1,8 +1,7 @@
 """The served model against the engine, for both input formats, measured in one run.
 
 First the engine: ``BatchedSkippingPredictor`` (``blockdrop.inference``, the code the served model runs) on
-normalised images at batch 64, and the pyfunc's own ``predict`` in this process on a uint8 array at batch 64
-(normalising, the forward, the answer's DataFrame). Then the same weights logged as the registered model is
+normalised images at batch 64. Then the same weights logged as the registered model is
 (``blockdrop.tracking.log_blockdrop_model``, into a temporary MLflow store), served by ``mlflow models serve``
 (``--workers``, ``--threads``), and called over HTTP with the standard library:
 
@@ -37,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import gc
 import http.client
 import json
 import os
@@ -58,7 +58,7 @@ sys.path[:0] = [str(REPO), str(REPO / "bench")]  # run as a script from anywhere
 from inference import cpu_model  # noqa: E402
 
 from blockdrop import serving, tracking  # noqa: E402
-from blockdrop.data import load_meta, load_split  # noqa: E402
+from blockdrop.data import Normalize, load_meta, load_split  # noqa: E402
 from blockdrop.inference import BatchedSkippingPredictor  # noqa: E402
 from blockdrop.models import cifar_resnet, load_blockdrop, policy_resnet8, save_blockdrop  # noqa: E402
 from ops.serve import worker_threads  # noqa: E402
@@ -126,19 +126,6 @@ def engine_rates(predictor: BatchedSkippingPredictor, x: torch.Tensor, batch: in
     worker.start()
     worker.join()
     return rates
-
-
-def pyfunc_rate(model: serving.BlockDropClassifier, images: np.ndarray, rounds: int = 5) -> float:
-    """Images/s of the pyfunc's ``predict`` in this process on uint8 arrays of 64 images."""
-    batches = [images[i:i + ENGINE_BATCH] for i in range(0, len(images), ENGINE_BATCH)]
-    model.predict(None, batches[0])
-    times = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        for b in batches:
-            model.predict(None, b)
-        times.append(time.perf_counter() - t0)
-    return len(images) / statistics.median(times)
 
 
 def log_model(store: Path, checkpoint: Path, spec: dict, images: np.ndarray) -> str:
@@ -302,9 +289,10 @@ def main() -> None:
     backbone, policy = load_blockdrop(checkpoint)
     spec = serving.model_spec(fields["source"], fields["classes"], fields["shape"], fields["mean"], fields["std"],
                               backbone, policy)
-    local = serving.BlockDropClassifier().setup(spec, backbone, policy)
-    predictor = local.predictor
-    x = local.normalize(torch.from_numpy(images[:1024]))
+    # The engine on this process's main thread only. Not the pyfunc here: it runs its forwards on a thread of its
+    # own, and a second thread running torch's parallel regions slows both (bench/thread_pools.py).
+    predictor = BatchedSkippingPredictor(backbone, policy)
+    x = Normalize(spec["mean"], spec["std"], torch.device("cpu"))(torch.from_numpy(images[:1024]))
 
     print(f"CPU: {cpu_model()}, {os.cpu_count()} logical CPUs; load average {os.getloadavg()[0]:.2f} at start")
     print(f"torch {torch.__version__}; server: {args.workers} worker(s) x {threads} torch thread(s), the engine "
@@ -315,12 +303,12 @@ def main() -> None:
     # (as MLflow's does; it has no batching across requests) can reach at best, whatever its overheads.
     small_rates = engine_rates(predictor, x, batch=args.per_request)
     small = max(small_rates.values())
-    in_process = pyfunc_rate(local, images[:1024])
 
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
         store = Path(tmp)
         t0 = time.perf_counter()
         uri = log_model(store, checkpoint, spec, images)
+        gc.collect()  # the model MLflow loaded to check the input example: its network thread ends with it
         rows, answers = [], {}
         n, k = args.per_request, len(images) // args.per_request
         small_bodies = {fmt: [request_body(images[i * n:(i + 1) * n], fmt) for i in range(k)] for fmt in FORMATS}
@@ -374,8 +362,6 @@ def main() -> None:
         f"{rate:.0f} from the {where}" for where, rate in small_rates.items()) + f"; the faster is {small / ref:.2f}x "
           f"the batch-{ENGINE_BATCH} reference: the most the concurrent clients' rows can reach without sharing "
           "forwards across requests")
-    print(f"the pyfunc's predict in this process (main thread): {in_process:.0f} images/s ({in_process / ref:.2f}x "
-          "the engine)")
     print(f"\n{'format':<6} {'load':<24} {'max batch':>9} {'bytes/img':>9} {'images/s':>9} {'p50 ms':>7} "
           f"{'p99 ms':>7} {'served/engine':>14} {'/same batch':>11} {'server cores':>12}")
     for fmt, load, max_batch, rate, lat, size, bound, cores in rows:

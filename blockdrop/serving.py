@@ -28,8 +28,10 @@ import json
 import os
 import re
 import threading
+import weakref
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -136,7 +138,7 @@ def as_images(model_input: Any, shape: list[int]) -> torch.Tensor:
             if any(tuple(image.shape) != (c, h, w) for image in images):
                 sizes = sorted({f"{image.shape[2]}x{image.shape[1]}" for image in images})
                 raise _bad(f"expected {w}x{h} images, got {', '.join(sizes)} (resize before sending)")
-            return torch.stack(images)
+            return torch.from_numpy(np.stack([image.numpy() for image in images]))  # numpy: no torch threads here
         try:  # one C-level conversion of all rows; a ragged row or two sizes make the array uneven
             model_input = np.array(cells)
         except (ValueError, TypeError):
@@ -204,26 +206,26 @@ def decode_images(cells: list[str | bytes], channels: int) -> list[torch.Tensor]
 class _Request:
     """One caller's images, and the rows of each output once a forward has run them (or the error it raised)."""
 
-    __slots__ = ("error", "images", "outputs")
+    __slots__ = ("done", "error", "images", "outputs")
 
     def __init__(self, images: torch.Tensor) -> None:
-        self.images, self.outputs, self.error = images, None, None
-
-    @property
-    def done(self) -> bool:
-        return self.outputs is not None or self.error is not None
+        self.images, self.outputs, self.error, self.done = images, None, None, threading.Event()
 
 
 class RequestBatcher:
-    """Concurrent calls' images run as one batch: the requests that queue while a forward runs go in the next.
+    """Concurrent calls' images run as one batch, on one thread that does all of the model's torch work.
 
     MLflow's scoring server runs each request's ``predict`` in a thread of its own (``asyncio.to_thread``), so
     without this every small request would run the network alone, at the engine's small-batch rate (8 images:
-    about 0.6 of its rate at 64 on a 2-core CPU), one after the other. Here a caller queues its images and waits
-    for the network; whoever holds it runs everything queued so far, up to ``max_images`` (at least one request),
-    as one batch and hands each caller its own rows. Nothing waits for a batch to fill: a request alone runs at
-    once, and under load the batch grows by itself. There is no thread of its own to start or stop: the callers
-    take turns at running the batch ("flat combining").
+    about 0.6 of its rate at 64 on a 2-core CPU). Here a caller queues its images and waits; the batcher's
+    thread runs everything queued so far, up to ``max_images`` (at least one request), as one batch and hands
+    each caller its own rows. Nothing waits for a batch to fill: a request alone runs at once, and under load the
+    batch grows by itself with the requests that arrived while the last one ran.
+
+    Why one thread of its own (``executor``, which also loads the model): every thread that runs torch's
+    parallel regions gets its own OpenMP helper threads, and with more OpenMP threads than cores libgomp stops
+    spinning between regions, so a forward from a request thread, after the server's main thread loaded the
+    model, ran small batches at about 0.6 of the speed (``bench/thread_pools.py``).
 
     ``forward`` maps a (N, ...) tensor to a tuple of tensors whose first dimension is N. An image's answer does
     not depend on the others in its batch, up to float rounding (oneDNN may pick another kernel for another N).
@@ -233,23 +235,27 @@ class RequestBatcher:
         if max_images < 1:
             raise ValueError(f"max_images must be at least 1, got {max_images}")
         self.forward, self.max_images = forward, max_images
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blockdrop-network")
+        weakref.finalize(self, self.executor.shutdown, wait=False)  # a discarded model's thread (and its OpenMP
+        # helpers) ends with it, instead of slowing whichever thread runs torch next
         self._queue: deque[_Request] = deque()
-        self._queue_lock, self._network = threading.Lock(), threading.Lock()
+        self._lock = threading.Lock()
 
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         request = _Request(images)
-        with self._queue_lock:
+        with self._lock:
             self._queue.append(request)
-        with self._network:
-            while not request.done:  # a full batch may have been cut before this request: run the next one
-                self._run_queued()
+        self.executor.submit(self._run_queued)  # one run per request: a run that finds the queue empty returns
+        request.done.wait()
         if request.error is not None:
             raise request.error
         return request.outputs
 
     def _run_queued(self) -> None:
-        """Run the oldest queued requests, up to ``max_images`` images, as one batch (holding the network)."""
-        with self._queue_lock:
+        """Run the oldest queued requests, up to ``max_images`` images, as one batch (on the executor's thread)."""
+        with self._lock:
+            if not self._queue:
+                return  # an earlier run took this call's request with others
             batch = [self._queue.popleft()]
             size = len(batch[0].images)
             while self._queue and size + len(self._queue[0].images) <= self.max_images:
@@ -257,13 +263,15 @@ class RequestBatcher:
                 size += len(batch[-1].images)
         try:
             outputs = self.forward(batch[0].images if len(batch) == 1 else torch.cat([r.images for r in batch]))
+            sizes = [len(r.images) for r in batch]
+            for request, *rows in zip(batch, *(output.split(sizes) for output in outputs), strict=True):
+                request.outputs = tuple(rows)
         except Exception as error:  # every caller in the batch sees it; the next batch runs as usual
             for request in batch:
                 request.error = error
-            return
-        sizes = [len(r.images) for r in batch]
-        for request, *rows in zip(batch, *(output.split(sizes) for output in outputs), strict=True):
-            request.outputs = tuple(rows)
+        finally:
+            for request in batch:
+                request.done.set()
 
 
 class BlockDropClassifier(mlflow.pyfunc.PythonModel):
@@ -273,46 +281,55 @@ class BlockDropClassifier(mlflow.pyfunc.PythonModel):
         spec = json.loads(Path(context.artifacts["spec"]).read_text())
         import torchvision.io  # noqa: F401  (here, so the first request of encoded images does not pay the import)
 
-        backbone, policy_net = load_blockdrop(context.artifacts["weights"])  # weights_only=True
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.setup(spec, backbone.to(device), policy_net.to(device))
+        self.setup(spec, weights=context.artifacts["weights"])  # read with weights_only=True
 
-    def setup(self, spec: dict[str, Any], backbone: BlockResNet, policy_net: PolicyNet,
-              max_batch: int | None = None) -> BlockDropClassifier:
-        """Make ready to predict from in-memory networks (what ``load_context`` does from the artifacts).
+    def setup(self, spec: dict[str, Any], backbone: BlockResNet | None = None, policy_net: PolicyNet | None = None,
+              *, weights: str | Path | None = None, max_batch: int | None = None) -> BlockDropClassifier:
+        """Make ready to predict, from in-memory networks or from a weights file (what ``load_context`` does).
         ``max_batch``: the most images concurrent requests share a forward with (default: ``$BLOCKDROP_MAX_BATCH``,
-        else ``CHUNK``)."""
+        else ``CHUNK``). The networks are loaded and folded on the batcher's thread, which runs every forward,
+        so a server's main thread never starts torch's parallel regions (:class:`RequestBatcher` says why)."""
+        if (weights is None) == (backbone is None or policy_net is None):
+            raise ValueError("give either the two networks or the weights file")
         self.spec, self.classes = spec, np.array(spec["classes"], dtype=object)
         self.flops = FlopTable(spec["flops"]["base"], tuple(spec["flops"]["blocks"]), spec["flops"]["policy"])
-        self.normalize = Normalize(spec["mean"], spec["std"], next(backbone.parameters()).device)
-        self.predictor = BatchedSkippingPredictor(backbone, policy_net)
         if max_batch is None:
             max_batch = int(os.environ.get(MAX_BATCH_ENV) or CHUNK)
         self.batcher = RequestBatcher(self.forward, max_batch)
+
+        def build() -> BatchedSkippingPredictor:
+            if weights is None:
+                return BatchedSkippingPredictor(backbone, policy_net)
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            return BatchedSkippingPredictor(*(net.to(device) for net in load_blockdrop(weights)))
+
+        self.predictor = self.batcher.executor.submit(build).result()
+        self.normalize = Normalize(spec["mean"], spec["std"], next(self.predictor.backbone.parameters()).device)
         return self
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(N, C, H, W) uint8 images to their class probabilities (float32) and (N, K) bool policies, on the CPU."""
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(N, C, H, W) uint8 images to their class probabilities (float32), (N, K) bool policies, classes and
+        FLOPs, on the CPU: all the tensor work of an answer, so that it runs on the batcher's thread."""
         device = next(self.predictor.backbone.parameters()).device
         probs, keeps = [], []
         for chunk in images.split(CHUNK):
             logits, keep = self.predictor(self.normalize(chunk.to(device)))
             probs.append(logits.float().softmax(1).cpu()), keeps.append(keep.cpu())
-        return torch.cat(probs), torch.cat(keeps)
+        prob, keep = torch.cat(probs), torch.cat(keeps)
+        return prob, keep, prob.argmax(1), self.flops.per_image(keep)
 
     # model_input has no annotation on purpose: MLflow 3 reads predict's type hints as a second signature,
     # which would replace the logged one (:func:`signature`); the logged signature is the contract.
     def predict(self, context: Any, model_input, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        # Checked and decoded in the caller's thread; the network runs with whatever other requests are waiting.
-        prob, keep = self.batcher(as_images(model_input, self.spec["shape"]))
-        index = prob.argmax(1).numpy()
-        flops = self.flops.per_image(keep).numpy()
+        # Checked and decoded in the caller's thread (numpy and torchvision's decoders only); the network runs on
+        # the batcher's thread with whatever other requests are waiting.
+        prob, keep, index, flops = (t.numpy() for t in self.batcher(as_images(model_input, self.spec["shape"])))
         return pd.DataFrame({
             "class_index": index,
             "class_name": self.classes[index],
-            "probabilities": list(prob.double().numpy()),
+            "probabilities": list(prob.astype(np.float64)),
             "policy": ["".join("1" if k else "0" for k in row) for row in keep.tolist()],
-            "blocks": keep.sum(1).numpy(),
+            "blocks": keep.sum(1),
             "flops": flops,
             "flops_saved": 1.0 - flops / self.flops.full,
         })
