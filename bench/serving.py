@@ -47,6 +47,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -121,11 +122,9 @@ def engine_rates(predictor: BatchedSkippingPredictor, x: torch.Tensor, batch: in
     """:func:`engine_rate` called from the main thread and from another thread, as the scoring server calls
     ``predict`` (``asyncio.to_thread``). They are kept apart because they can differ: on a machine whose cores
     are busy with other processes, torch's threads from the main thread were several times slower here."""
-    rates = {"main thread": engine_rate(predictor, x, batch=batch)}
-    worker = threading.Thread(target=lambda: rates.__setitem__("other thread", engine_rate(predictor, x, batch=batch)))
-    worker.start()
-    worker.join()
-    return rates
+    with ThreadPoolExecutor(max_workers=1) as other:  # its thread ends with the block, and its OpenMP helpers
+        return {"main thread": engine_rate(predictor, x, batch=batch),
+                "other thread": other.submit(engine_rate, predictor, x, batch=batch).result()}
 
 
 def log_model(store: Path, checkpoint: Path, spec: dict, images: np.ndarray) -> str:
