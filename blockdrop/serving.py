@@ -274,6 +274,15 @@ class RequestBatcher:
                 request.done.set()
 
 
+def max_batch_from_env() -> int:
+    """``$BLOCKDROP_MAX_BATCH`` (``CHUNK`` when unset): a plain ``mlflow models serve`` sets it by hand, so a bad
+    value fails at model load with the variable's name, not with ``int()``'s message."""
+    value = os.environ.get(MAX_BATCH_ENV, "").strip() or str(CHUNK)
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{MAX_BATCH_ENV}={value!r}: expected a whole number of images, at least 1")
+    return int(value)
+
+
 class BlockDropClassifier(mlflow.pyfunc.PythonModel):
     """The pyfunc: raw images in, one row per image out (see the module docstring)."""
 
@@ -293,9 +302,7 @@ class BlockDropClassifier(mlflow.pyfunc.PythonModel):
             raise ValueError("give either the two networks or the weights file")
         self.spec, self.classes = spec, np.array(spec["classes"], dtype=object)
         self.flops = FlopTable(spec["flops"]["base"], tuple(spec["flops"]["blocks"]), spec["flops"]["policy"])
-        if max_batch is None:
-            max_batch = int(os.environ.get(MAX_BATCH_ENV) or CHUNK)
-        self.batcher = RequestBatcher(self.forward, max_batch)
+        self.batcher = RequestBatcher(self.forward, max_batch_from_env() if max_batch is None else max_batch)
 
         def build() -> BatchedSkippingPredictor:
             if weights is None:

@@ -183,3 +183,7 @@ def test_the_max_batch_reaches_the_served_model(monkeypatch: pytest.MonkeyPatch)
     assert serving.BlockDropClassifier().setup(spec, *networks).batcher.max_images == 5
     monkeypatch.delenv(serving.MAX_BATCH_ENV)
     assert serving.BlockDropClassifier().setup(spec, *networks).batcher.max_images == serving.CHUNK
+    for bad in ("0", "eight", "-3"):
+        monkeypatch.setenv(serving.MAX_BATCH_ENV, bad)
+        with pytest.raises(ValueError, match=serving.MAX_BATCH_ENV):
+            serving.BlockDropClassifier().setup(spec, *networks)
