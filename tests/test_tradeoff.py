@@ -9,7 +9,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from blockdrop.analysis.tradeoff import Experiment, _heuristic_curves, reference_points, settings_table, tradeoff_figure
+from blockdrop.analysis.tradeoff import (
+    Experiment,
+    _baselines,
+    _heuristic_curves,
+    reference_points,
+    settings_table,
+    tradeoff_figure,
+)
 
 K = 15
 FULL_FLOPS = 1.05e8
@@ -107,6 +114,28 @@ def test_heuristic_curves_average_a_shared_backbone_once_then_over_seeds():
     np.testing.assert_allclose(curves["randomk_flops"], base["randomk_flops"])
     assert _heuristic_curves([Experiment("e", {}, _metrics(0.8, 7e7, 8.0))], "seed") is None
 
+
+
+def test_baselines_one_per_network_the_settings_were_compared_with():
+    """A penalty x finetune.epochs sweep: each seed's pretrained backbone is shared by all four settings, the
+    fair baseline only by the settings with the same epochs, and each marker averages over seeds, not runs."""
+    fair = {(2, 0): 0.90, (2, 1): 0.92, (4, 0): 0.91, (4, 1): 0.95}  # (epochs, seed) -> fair accuracy
+    experiments = []
+    for epochs, seed in fair:
+        for penalty in (2.0, 3.4):
+            metrics = _metrics(0.88, 6e7, 8.0, full_acc=0.88 + 0.01 * seed)
+            metrics["full_finetuned"] = {"accuracy": fair[epochs, seed], "flops_mean": FULL_FLOPS}
+            experiments.append(Experiment(f"e{epochs}-p{penalty}-s{seed}", {"finetune.penalty": penalty,
+                                          "finetune.epochs": epochs, "seed": seed}, metrics))
+    # seed 0 only, and no fair baseline: shares the pretrained backbone, left out of the fair ones
+    experiments.append(Experiment("one-seed", {"finetune.penalty": 5.0, "finetune.epochs": 2, "seed": 0},
+                                  _metrics(0.8, 5e7, 6.0, full_acc=0.88)))
+
+    [(label, per_seed, flops)] = _baselines(experiments, "full", "seed")
+    assert label == "" and per_seed == {0: 0.88, 1: 0.89} and flops == FULL_FLOPS
+    fair_groups = {label: per_seed for label, per_seed, _ in _baselines(experiments, "full_finetuned", "seed")}
+    assert fair_groups == {"epochs 2": {0: 0.90, 1: 0.92}, "epochs 4": {0: 0.91, 1: 0.95}}
+    assert _baselines(experiments[:2], "full_finetuned", "seed")[0][0] == ""  # one network: no label
 
 def _png_size(path) -> tuple[int, int]:
     data = path.read_bytes()

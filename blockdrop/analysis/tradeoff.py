@@ -205,16 +205,49 @@ def _draw_backbones(ax, experiments: list[Experiment], seed_key: str) -> None:
                 gx = np.array([_value(e.metrics, variant, "flops_mean") for e in members]) / 1e9
                 acc = 100 * np.array([_value(e.metrics, variant, "accuracy") for e in members])
                 ax.plot(gx, acc, "x", ms=7, mew=1.5, ls="none", color=color, label=f"{name}{tag} (k = BlockDrop's)")
-        # The pretrained full network, and (experiments that evaluated it) the one trained as BlockDrop's backbone.
+        # The pretrained full network, and (experiments that evaluated it) the one trained as BlockDrop's backbone:
+        # one marker per network the settings were compared with (a sweep over finetune's budget has several)
+        j = 0
         for variant, what, style in (("full", "pretrained", ":"), ("full_finetuned", "trained as BlockDrop's "
                                                                   "backbone", "-.")):
-            full_acc = 100 * np.array([_value(e.metrics, variant, "accuracy") for e in members])
-            if np.isnan(full_acc).any():
-                continue
-            full_flops = np.array([_value(e.metrics, variant, "flops_mean") for e in members]) / 1e9
-            ax.errorbar(full_flops.mean(), full_acc.mean(), yerr=full_acc.std(), fmt=DEPTH_MARKERS[i % 6], ms=9,
-                        capsize=3, color=VARIANT_COLORS[variant], label=f"Full {name_of}, {what}", zorder=3)
-            ax.axhline(full_acc.mean(), color=VARIANT_COLORS[variant], ls=style, lw=0.8)  # the accuracy to keep
+            for label, per_seed, flops in _baselines(members, variant, seed_key):
+                acc = 100 * np.array(list(per_seed.values()))
+                ax.errorbar(flops / 1e9, acc.mean(), yerr=acc.std(), fmt=DEPTH_MARKERS[(i + j) % 6], ms=9,
+                            capsize=3, color=VARIANT_COLORS[variant], zorder=3,
+                            label=f"Full {name_of}, {what}{', ' + label if label else ''}")
+                ax.axhline(acc.mean(), color=VARIANT_COLORS[variant], ls=style, lw=0.8)  # the accuracy to keep
+                j += 1
+
+
+def _baselines(members: list[Experiment], variant: str, seed_key: str) -> list[tuple[str, dict, float]]:
+    """The full networks of ``variant`` the settings were compared with: (label, accuracy per seed, FLOPs).
+
+    Settings whose accuracies agree on every seed both ran share one network (a penalty sweep shares each
+    seed's backbone and fair baseline, also with a setting that ran on fewer seeds); a sweep over what trains it
+    (``finetune.epochs`` for the fair baseline) has one per value, labelled by the grid values that set it
+    apart. Settings that did not evaluate it are left out.
+    """
+    groups: list[tuple[list[dict], dict, float]] = []  # (the settings' grid values, accuracy per seed, FLOPs)
+    by_setting: dict[tuple, list[Experiment]] = {}
+    for e in members:
+        by_setting.setdefault(tuple((k, v) for k, v in e.params.items() if k != seed_key), []).append(e)
+    for setting, es in by_setting.items():
+        per_seed = {e.params.get(seed_key): _value(e.metrics, variant, "accuracy") for e in es}
+        if any(np.isnan(v) for v in per_seed.values()):
+            continue
+        same = [g for g in groups if all(g[1][k] == v for k, v in per_seed.items() if k in g[1])
+                and per_seed.keys() & g[1].keys()]
+        if same:
+            same[0][0].append(dict(setting))
+            same[0][1].update(per_seed)
+        else:
+            groups.append(([dict(setting)], dict(per_seed), _value(es[0].metrics, variant, "flops_mean")))
+    # what each group's settings share, and of that, the keys whose values tell the groups apart
+    shared = [{k: v for k, v in settings[0].items() if all(str(s.get(k)) == str(v) for s in settings)}
+              for settings, _, _ in groups]
+    apart = [k for k in dict.fromkeys(k for c in shared for k in c) if len({str(c.get(k)) for c in shared}) > 1]
+    return [(", ".join(f"{_short(k)} {_fmt(c[k])}" for k in apart if k in c), per_seed, flops)
+            for c, (_, per_seed, flops) in zip(shared, groups, strict=True)]
 
 
 @styled
