@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -169,6 +170,7 @@ def main() -> None:
     print(f"\ncompiled / eager time: full {ms['full_compiled'] / ms['full']:.2f}, "
           f"BlockDrop {ms['blockdrop_compiled'] / ms['blockdrop']:.2f}; "
           f"load average {os.getloadavg()[0]:.2f} at end")
+    shutil.rmtree(folder, ignore_errors=True)  # the AOTInductor packages
 
 
 if __name__ == "__main__":
