@@ -86,22 +86,26 @@ class CompiledBlockDrop:
         return lambda x: self.fast.net.head(self.fast._blocks(self.fast._stem(x), counts, None))
 
     @torch.inference_mode()
+    def _actions(self, image: torch.Tensor) -> tuple[bool, ...]:
+        """The policy of one channels_last image (logit >= 0: p >= 0.5), from the compiled policy network."""
+        return tuple((self.policy(image) >= 0)[0].tolist())
+
+    @torch.inference_mode()
     def __call__(self, image: torch.Tensor) -> tuple[torch.Tensor, tuple[bool, ...]]:
         image = image.contiguous(memory_format=torch.channels_last)
-        actions = tuple((self.policy(image) >= 0)[0].tolist())
+        actions = self._actions(image)
         return self.graphs[actions](image), actions
 
-    def compile_all(self, images: torch.Tensor) -> float:
-        """Compile the graph of every distinct policy among ``images``; the seconds it took."""
+    def compile_all(self, images: torch.Tensor) -> tuple[float, list[tuple[bool, ...]]]:
+        """Compile the graph of every distinct policy among ``images``: the seconds it took, and each image's
+        policy."""
         t0 = time.perf_counter()
-        for i in range(len(images)):
-            image = images[i : i + 1].contiguous(memory_format=torch.channels_last)
-            with torch.inference_mode():
-                actions = tuple((self.policy(image) >= 0)[0].tolist())
-            if actions not in self.graphs:  # the counts are a constant of the traced function
-                fn = self._backbone([int(a) for a in actions])
-                self.graphs[actions] = compiled(fn, self.example, self.mode, self.folder)
-        return time.perf_counter() - t0
+        policies = [self._actions(images[i : i + 1].contiguous(memory_format=torch.channels_last))
+                    for i in range(len(images))]
+        for actions in dict.fromkeys(policies):  # the counts are a constant of the traced function
+            self.graphs[actions] = compiled(self._backbone([int(a) for a in actions]), self.example, self.mode,
+                                            self.folder)
+        return time.perf_counter() - t0, policies
 
 
 def main() -> None:
@@ -143,7 +147,8 @@ def main() -> None:
     full_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     bd_c = CompiledBlockDrop(SkippingPredictor(backbone, policy_net), example, args.mode, folder)
-    bd_seconds = time.perf_counter() - t0 + bd_c.compile_all(x)
+    compile_seconds, policies = bd_c.compile_all(x)
+    bd_seconds = time.perf_counter() - t0 + compile_seconds
     print(f"compile: full backbone {full_seconds:.1f} s; BlockDrop {bd_seconds:.1f} s for the policy network and "
           f"{len(bd_c.graphs)} policy graphs ({bd_seconds / (len(bd_c.graphs) + 1):.1f} s each)")
 
@@ -156,7 +161,7 @@ def main() -> None:
     print(f"check: compiled vs eager logits, 20 images, max |diff| {max(diffs):.1e}")
 
     flops = count_flops(backbone, tuple(x.shape[1:]), policy_net)
-    keep = torch.tensor([list(a) for a in (bd(x[i : i + 1])[1] for i in range(len(x)))], dtype=torch.float)
+    keep = torch.tensor(policies, dtype=torch.float)  # the compiled policy network's (checked against eager above)
     flops_ratio = count_flops(full_net, tuple(x.shape[1:])).full / flops.per_image(keep).mean().item()
 
     timed = measure_latency(full, bd, x, args.warmup, threads=args.threads,
