@@ -14,11 +14,13 @@ the whole run, p50/p99 latency of a request), then one request of ``--large`` im
 The concurrent clients are measured twice, on the server as ``make serve`` runs it (concurrent requests share
 forwards of up to ``--max-batch`` images: ``serving.RequestBatcher``) and on a second server that runs each
 request alone (max batch 1), and the ratio of the two is printed.
-Every served rate is printed as a ratio to the engine's, measured before and after the servers (the mean of
-both), so a busy machine shows as a drift between the two, not as a wrong ratio. The engine is timed from the
-main thread and from another one (where the server runs ``predict``) and the faster counts. The engine is also
-timed at batch ``--per-request``: the column ``/same batch`` divides the small requests' rate by it, the most a
-server that runs each request alone could reach, however small its overheads. The column ``server cores`` is
+Every served rate is printed as a ratio to the engine's on the whole machine (all its CPUs' torch threads,
+whatever ``--workers`` and ``--threads`` give each worker), measured before and after the servers (the mean of
+both), so a busy machine shows as a drift between the two, not as a wrong ratio, and servers of any layout are
+compared with the same rate. The engine is timed from the main thread and from another one (where the server
+runs ``predict``) and the faster counts. The engine is also timed at batch ``--per-request`` on one worker's
+threads: the column ``/same batch`` divides the small requests' rate by that rate times the workers, the most
+servers that run each request alone could reach, however small their overheads. The column ``server cores`` is
 the CPU time the server's processes used during the concurrent load divided by its wall time, and each busy
 process's share when there are several: the clients run on the same machine and use the rest, and the kept-alive
 connections of the clients stay with the worker that accepted them, so workers can be unevenly loaded.
@@ -280,8 +282,8 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=serving.CHUNK,
                         help="images concurrent requests may share a forward with (make serve --max-batch)")
     args = parser.parse_args()
+    machine = torch.get_num_threads()  # torch's default: every CPU this process may use (or OMP_NUM_THREADS)
     threads = worker_threads(args.workers, args.threads, os.environ.get("OMP_NUM_THREADS"))
-    torch.set_num_threads(threads)  # the engine runs as one worker does
 
     images, fields, images_note = load_images(args.data_dir, max(args.large, 1024))
     checkpoint, models_note = load_networks(args.models_dir, fields["shape"], len(fields["classes"]))
@@ -294,14 +296,16 @@ def main() -> None:
     x = Normalize(spec["mean"], spec["std"], torch.device("cpu"))(torch.from_numpy(images[:1024]))
 
     print(f"CPU: {cpu_model()}, {os.cpu_count()} logical CPUs; load average {os.getloadavg()[0]:.2f} at start")
-    print(f"torch {torch.__version__}; server: {args.workers} worker(s) x {threads} torch thread(s), the engine "
-          f"here {torch.get_num_threads()} thread(s)")
+    print(f"torch {torch.__version__}; server: {args.workers} worker(s) x {threads} torch thread(s); the engine "
+          f"here: {machine} thread(s) at batch {ENGINE_BATCH}, {threads} at one request's size")
     print(f"models: {models_note}\nimages: {images_note}")
     engine = [engine_rates(predictor, x)]
-    # The same engine on batches of one request's size: what a server that runs each request on its own
-    # (as MLflow's does; it has no batching across requests) can reach at best, whatever its overheads.
+    # The same engine on batches of one request's size, on one worker's threads, times the workers: what servers
+    # that run each request on its own (as MLflow's does; it has no batching across requests) can reach at best.
+    torch.set_num_threads(threads)
     small_rates = engine_rates(predictor, x, batch=args.per_request)
-    small = max(small_rates.values())
+    torch.set_num_threads(machine)
+    small = args.workers * max(small_rates.values())
 
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
         store = Path(tmp)
@@ -354,13 +358,13 @@ def main() -> None:
     same = answers["lists"] == answers["png"]
     print(f"check: the {args.large}-image answers of both formats are {'identical' if same else 'DIFFERENT'}")
     print(f"resident memory after the run: total {sum(m for _, m in rss):.0f} MiB over {len(rss)} processes")
-    print(f"\nengine (BatchedSkippingPredictor, batch {ENGINE_BATCH}), images/s: " + "; ".join(
+    print(f"\nengine (BatchedSkippingPredictor, batch {ENGINE_BATCH}, {machine} threads), images/s: " + "; ".join(
         f"{when} the server: " + ", ".join(f"{rate:.0f} from the {where}" for where, rate in rates.items())
         for when, rates in zip(("before", "after"), engine, strict=True)) + f"; reference {ref:.0f}")
-    print(f"engine at batch {args.per_request} (one small request's size), images/s: " + ", ".join(
-        f"{rate:.0f} from the {where}" for where, rate in small_rates.items()) + f"; the faster is {small / ref:.2f}x "
-          f"the batch-{ENGINE_BATCH} reference: the most the concurrent clients' rows can reach without sharing "
-          "forwards across requests")
+    print(f"engine at batch {args.per_request} (one small request's size) on {threads} thread(s), images/s: " +
+          ", ".join(f"{rate:.0f} from the {where}" for where, rate in small_rates.items()) +
+          f"; the faster x {args.workers} worker(s) is {small / ref:.2f}x the batch-{ENGINE_BATCH} reference: the "
+          "most the concurrent clients' rows can reach without sharing forwards across requests")
     print(f"\n{'format':<6} {'load':<24} {'max batch':>9} {'bytes/img':>9} {'images/s':>9} {'p50 ms':>7} "
           f"{'p99 ms':>7} {'served/engine':>14} {'/same batch':>11} {'server cores':>12}")
     for fmt, load, max_batch, rate, lat, size, bound, cores in rows:
