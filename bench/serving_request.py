@@ -46,15 +46,12 @@ PARTS = [("parse the JSON, build the DataFrame", "scoring_server/__init__.py", "
          ("write the answer's JSON (to_dict, json)", "scoring_server/__init__.py", "predictions_to_json")]
 
 
-def per_request(call, bodies: list, rounds: int) -> float:
-    """Seconds per call: the median over ``rounds`` passes over ``bodies``."""
-    times = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        for body in bodies:
-            call(body)
-        times.append((time.perf_counter() - t0) / len(bodies))
-    return statistics.median(times)
+def seconds_per_call(call, items: list) -> float:
+    """Seconds per call of ``call`` over one pass of ``items``."""
+    t0 = time.perf_counter()
+    for item in items:
+        call(item)
+    return (time.perf_counter() - t0) / len(items)
 
 
 def cumulative(stats: pstats.Stats, ending: str, name: str) -> float:
@@ -102,12 +99,12 @@ def main() -> None:
                 request(body)
             whole, network = [], []
             for _ in range(args.rounds):  # in turns, so a drift of the machine moves both
-                whole.append(per_request(request, bodies, 1))
-                network.append(per_request(batcher, pixels, 1))
+                whole.append(seconds_per_call(request, bodies))
+                network.append(seconds_per_call(batcher, pixels))
             whole_s, network_s = statistics.median(whole), statistics.median(network)
 
             profile = cProfile.Profile()
-            profile.runcall(per_request, request, bodies, 1)
+            profile.runcall(seconds_per_call, request, bodies)
             stats = pstats.Stats(profile)
             total = cumulative(stats, "scoring_server/__init__.py", "invocations")
             shares = [(label, cumulative(stats, ending, name) / total) for label, ending, name in PARTS]
