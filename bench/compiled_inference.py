@@ -143,10 +143,10 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="blockdrop-aoti-"))
     example = x[:1].contiguous(memory_format=torch.channels_last)
     t0 = time.perf_counter()
-    full_c = compiled(FullPredictor(full_net).fast, example, args.mode, folder)
+    full_c = compiled(full.fast, example, args.mode, folder)
     full_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
-    bd_c = CompiledBlockDrop(SkippingPredictor(backbone, policy_net), example, args.mode, folder)
+    bd_c = CompiledBlockDrop(bd, example, args.mode, folder)
     compile_seconds, policies = bd_c.compile_all(x)
     bd_seconds = time.perf_counter() - t0 + compile_seconds
     print(f"compile: full backbone {full_seconds:.1f} s; BlockDrop {bd_seconds:.1f} s for the policy network and "
