@@ -281,6 +281,12 @@ class Evaluate(Section):
         return self.latency_warmup + self.latency_images
 
 
+class Heuristics(Section):
+    # FirstK / RandomK curves at k = 1, 1 + step, 1 + 2 step, ... and K: each k costs about k / K of two passes
+    # over the test set, so a deep network's K = 54 pays for a step above 1
+    k_step: PositiveInt = 1
+
+
 class Analyze(Section):
     samples_per_policy: Annotated[int, Field(ge=1, le=32)] = 8  # images shown with each policy
     top_policies: Annotated[int, Field(ge=1, le=32)] = 8  # most frequent policies over the whole test set
@@ -382,6 +388,7 @@ class Params(Section):
     curriculum: Curriculum = Curriculum()
     finetune: Finetune = Finetune()
     dist: Distributed = Distributed()
+    heuristics: Heuristics = Heuristics()
     evaluate: Evaluate = Evaluate()
     analyze: Analyze = Analyze()
     report: Report = Report()

@@ -1,4 +1,4 @@
-"""DVC stage ``heuristics``: FirstK and RandomK at every k from 1 to K on the pretrained backbone.
+"""DVC stage ``heuristics``: FirstK and RandomK from k = 1 to K on the pretrained backbone.
 
 The paper compares BlockDrop with these two baselines as curves. They depend on the backbone alone, so they
 are a stage of their own: a sweep over the policy's settings (penalty, policy size) reuses this stage's
@@ -32,7 +32,7 @@ def main() -> None:
         pretrained = pretrained.to(ctx.device, memory_format=torch.channels_last)
         with tracking.stage_run("heuristics", ctx.params, data_sha256=meta.data_sha256) as run:
             curves = heuristic_curves(pretrained, data["test"], normalize, flops, ctx.generator,
-                                      ctx.params.evaluate.batch_size)
+                                      ctx.params.evaluate.batch_size, ctx.params.heuristics.k_step)
             for row in curves.itertuples():
                 log.info("k=%2d  FirstK %.4f  RandomK %.4f  GFLOPs %.4f", row.k, row.firstk_accuracy,
                          row.randomk_accuracy, row.firstk_flops / 1e9)

@@ -96,6 +96,7 @@ SCHEMA_CASES = [
     ("finetune: {images_per_epoch: 0}", "finetune.images_per_epoch"),
     ("finetune: {alpha: .inf}", "finetune.alpha"),
     ("evaluate: {latency_threads: -1}", "evaluate.latency_threads"),
+    ("heuristics: {k_step: 0}", "heuristics.k_step"),
     ("analyze: {top_policies: 33}", "analyze.top_policies"),
     ("report: {subtitle: x}", "report.subtitle"),
     ("tracking: null", "tracking"),

@@ -102,6 +102,28 @@ def test_heuristic_curves_at_every_k_run_the_pretrained_backbone() -> None:
     assert curves["firstk_accuracy"].iloc[1] == (first2.argmax(1) == test.labels).double().mean().item()
 
 
+def test_heuristic_curves_with_a_step_keep_those_ks_and_always_the_full_network() -> None:
+    # K = 6 at step 2: k = 1, 3, 5 and K. FirstK draws nothing at random, so its rows are the step-1 table's.
+    from blockdrop.data import Normalize, Split
+    from blockdrop.evaluation import heuristic_curves
+    from blockdrop.flops import FlopTable
+    from blockdrop.models import cifar_resnet
+
+    torch.manual_seed(0)
+    model = cifar_resnet(14, 3, 1).eval()
+    test = Split(torch.randint(0, 256, (30, 1, 8, 8), dtype=torch.uint8), torch.randint(0, 3, (30,)))
+    norm = Normalize([0.5], [0.25], torch.device("cpu"))
+    flops = FlopTable(base=7, blocks=(1, 10, 100, 1_000, 10_000, 100_000), policy=10**9)
+    every = heuristic_curves(model, test, norm, flops, torch.Generator().manual_seed(3), batch_size=8)
+    stepped = heuristic_curves(model, test, norm, flops, torch.Generator().manual_seed(3), batch_size=8, k_step=2)
+
+    assert stepped["k"].tolist() == [1, 3, 5, 6]
+    columns = ["k", "firstk_accuracy", "firstk_flops"]
+    assert stepped[columns].equals(every[columns].iloc[[0, 2, 4, 5]].reset_index(drop=True))
+    assert stepped["randomk_accuracy"].iloc[-1] == every["firstk_accuracy"].iloc[-1]  # k = K: every block
+    assert heuristic_curves(model, test, norm, flops, torch.Generator(), batch_size=8, k_step=6)["k"].tolist() == [1, 6]
+
+
 def test_flops_saved_summary_is_the_distribution_of_per_image_savings() -> None:
     # 101 images costing 0..100 FLOPs against a full backbone of 100: image i saves (100 - i)%
     summary = flops_saved_summary(torch.arange(101.0), 100.0)

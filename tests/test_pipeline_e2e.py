@@ -127,6 +127,7 @@ def test_changing_one_param_reruns_only_what_depends_on_it(repro: Path) -> None:
     # below them rerun only if their inputs then change
     try:
         assert changed("latency_images: 10", "latency_images: 12") == {"evaluate", "report"}
+        assert changed("k_step: 1", "k_step: 4") == {"heuristics", "report"}
         # a policy key reruns finetune, not the fair full-network baseline (restored from DVC's cache in a sweep)
         assert changed("penalty: 3.4", "penalty: 5.0") == {"finetune", "report"}
         # a key of the backbone's budget reruns both
@@ -160,3 +161,18 @@ def test_report_and_dvc_plots_render_offline(repro: Path) -> None:
     assert page["images_loaded"] == page["images_total"] >= figures  # the PNG figures as image plots
     assert page["external_requests"] == []
     assert page["console_errors"] == []
+
+
+def test_heuristics_stage_follows_its_k_step(repro: Path) -> None:
+    # Last in this module: it leaves the copy's heuristics table stepped. K = 9 at step 4: k = 1, 5, 9.
+    import pandas as pd
+
+    params = repro / "params.yaml"
+    full = pd.read_csv(repro / "reports/heuristics/by_k.csv")
+    assert full["k"].tolist() == list(range(1, 10))  # the tiny profile's ResNet-20
+    params.write_text(params.read_text().replace("k_step: 1", "k_step: 4"))
+    dvc(repro, "repro", "--single-item", "heuristics")
+    stepped = pd.read_csv(repro / "reports/heuristics/by_k.csv")
+    assert stepped["k"].tolist() == [1, 5, 9]
+    same = full.set_index("k").loc[[1, 5, 9], ["firstk_accuracy", "firstk_flops"]]  # FirstK draws nothing at random
+    assert stepped.set_index("k")[["firstk_accuracy", "firstk_flops"]].equals(same)

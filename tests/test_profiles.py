@@ -105,7 +105,7 @@ FASHION_R110 = {
     "curriculum.lr": 1e-3, "curriculum.alpha": 0.8, "curriculum.beta": 0.1, "curriculum.penalty": 1.0,
     "curriculum.crop_padding": 4, "curriculum.flip": True, "curriculum.val_images": 2000, "curriculum.unlock_every": 4,
     "curriculum.entropy": "bernoulli", "curriculum.keep_epoch": 0, "curriculum.cost": "blocks",
-    "finetune.epochs": 2, "finetune.images_per_epoch": 24000, "finetune.batch_size": 256, "finetune.lr": 1e-4,
+    "finetune.epochs": 8, "finetune.images_per_epoch": 24000, "finetune.batch_size": 256, "finetune.lr": 1e-4,
     "finetune.backbone_lr": 3e-4, "finetune.alpha": 0.8, "finetune.penalty": 2.0, "finetune.pg_reduction": "mean",
     "finetune.execution": "sparse", "finetune.greedy_ce": 1.0, "finetune.lr_decay_epoch": 0,
     "finetune.lr_decay": 0.1, "finetune.crop_padding": 4, "finetune.flip": True, "finetune.cost": "blocks",
