@@ -229,6 +229,10 @@ def _sweep_blocks(reports: Path) -> list[tuple]:
                        "and RandomK at every k on the pretrained backbone, the full network with the pretrained "
                        "backbone as the dotted line (and, where the experiments evaluated it, the one trained as "
                        "BlockDrop's backbone as the dash-dotted line)."))
+    if (folder / "speedup.png").exists():
+        blocks.append(("figure", folder / "speedup.png", "sweep/speedup.png",
+                       "The same settings against the speedup their evaluate stage measured at batch 1 over the "
+                       "pretrained full network, on the machine that ran the sweep; the full networks at 1x."))
     return blocks
 
 

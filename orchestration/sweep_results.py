@@ -1,7 +1,8 @@
 """What a sweep's experiments hold, read from their commits, and the tables and figure written from them.
 
 ``reports/sweep/``: ``experiments.csv`` (one row per experiment), ``settings.csv`` (one per setting, mean and
-spread over seeds, Pareto front), ``tradeoff.png`` and ``sweep.json``.
+spread over seeds, Pareto front), ``tradeoff.png`` (accuracy against FLOPs), ``speedup.png`` (against the measured
+speedup at batch 1) and ``sweep.json``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from blockdrop.analysis.tradeoff import Experiment, settings_table, tradeoff_figure
+from blockdrop.analysis.tradeoff import Experiment, settings_table, speedup_figure, tradeoff_figure
 from blockdrop.config import flatten, parse_params
 from orchestration.dvc_queue import read_at
 from orchestration.grid import Setting
@@ -22,7 +23,7 @@ from orchestration.grid import Setting
 __all__ = ["load_experiment", "matches", "same_results", "write_results"]
 
 READ_FROM_EXPERIMENT = ("reports/evaluate/metrics.json", "reports/heuristics/by_k.csv", "params.yaml")
-WRITTEN = ("experiments.csv", "settings.csv", "tradeoff.png", "sweep.json")
+WRITTEN = ("experiments.csv", "settings.csv", "tradeoff.png", "speedup.png", "sweep.json")
 
 
 def matches(root: Path, rev: str, setting: Setting) -> bool:
@@ -45,7 +46,8 @@ def load_experiment(root: Path, setting: Setting, rev: str) -> Experiment:
 
 def write_results(out: Path, experiments: list[Experiment], summary: dict[str, Any], title: str,
                   dpi: int = 150) -> list[Path]:
-    """``experiments.csv``, ``settings.csv``, ``tradeoff.png`` and ``sweep.json`` in ``out`` (replaced whole)."""
+    """``experiments.csv``, ``settings.csv``, ``tradeoff.png``, ``speedup.png`` and ``sweep.json`` in ``out`` (replaced
+    whole)."""
     out.mkdir(parents=True, exist_ok=True)
     for stale in WRITTEN:
         (out / stale).unlink(missing_ok=True)
@@ -57,7 +59,8 @@ def write_results(out: Path, experiments: list[Experiment], summary: dict[str, A
         pd.DataFrame(rows).to_csv(out / "experiments.csv", index=False)
         settings_table(experiments).to_csv(out / "settings.csv", index=False)
         tradeoff_figure(experiments, out / "tradeoff.png", title=title, dpi=dpi)
-        paths += [out / "experiments.csv", out / "settings.csv", out / "tradeoff.png"]
+        speedup_figure(experiments, out / "speedup.png", dpi=dpi)
+        paths += [out / "experiments.csv", out / "settings.csv", out / "tradeoff.png", out / "speedup.png"]
     (out / "sweep.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return paths
 

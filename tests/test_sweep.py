@@ -115,10 +115,11 @@ def test_table_and_figure_come_from_each_experiments_own_metrics(swept) -> None:
         assert row["flops_mean"] == pytest.approx(metrics["blockdrop"]["flops_mean"])
         assert row["full_accuracy_mean"] == pytest.approx(metrics["full"]["accuracy"])
     assert table["firstk_at_flops"].notna().all()  # the heuristics' per-k curves reached the table
-    assert (out / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for figure in ("tradeoff.png", "speedup.png"):
+        assert (out / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the report stage reads reports/sweep: the flow reran it (only it was stale) and it shows the sweep
     report = (root / "reports" / "report.md").read_text()
-    assert "## Sweep" in report and "sweep/tradeoff.png" in report
+    assert "## Sweep" in report and "sweep/tradeoff.png" in report and "sweep/speedup.png" in report
 
 
 def test_dvc_plots_diff_shows_the_experiments_side_by_side(swept) -> None:

@@ -15,6 +15,7 @@ from blockdrop.analysis.tradeoff import (
     _heuristic_curves,
     reference_points,
     settings_table,
+    speedup_figure,
     tradeoff_figure,
 )
 
@@ -154,6 +155,31 @@ def test_figure_is_a_png_of_sensible_size(tmp_path, n_settings):
     assert path == tmp_path / "tradeoff.png"
     assert _png_size(path) == (1100, 600)  # 11 x 6 inches at 100 dpi
     assert path.stat().st_size > 20_000  # curves, markers and text, not a blank canvas
+
+
+def test_speedup_figure_places_each_setting_at_its_measured_speedup(tmp_path, monkeypatch):
+    # Three cost settings on one seed: the points drawn are the measured speedups and accuracies, labelled by
+    # the one grid key that differs.
+    from matplotlib.figure import Figure
+
+    experiments = [Experiment(f"c-{c}", {"finetune.cost": c}, _metrics(acc, 6e7, 7.5, measured), _heuristics(),
+                              "fashion-mnist", 32)
+                   for c, acc, measured in (("blocks", 0.90, 1.43), ("flops", 0.89, 1.40), ("latency", 0.91, 1.35))]
+    drawn = {}
+    savefig = Figure.savefig
+
+    def capture(fig, *args, **kwargs):
+        ax = fig.axes[0]
+        drawn["points"] = sorted((round(float(x), 2), round(float(y), 2)) for line in ax.lines
+                                 if line.get_marker() == "o" for x, y in line.get_xydata())
+        drawn["labels"] = sorted(t.get_text() for t in ax.texts)
+        return savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", capture)
+    path = speedup_figure(experiments, tmp_path / "speedup.png", dpi=72)
+    assert _png_size(path) == (792, 432)  # 11 x 6 inches at 72 dpi
+    assert drawn["points"] == [(1.35, 91.0), (1.4, 89.0), (1.43, 90.0)]
+    assert drawn["labels"] == ["cost blocks", "cost flops", "cost latency"]
 
 
 def test_figure_without_heuristics_tables_and_with_two_depths(tmp_path):

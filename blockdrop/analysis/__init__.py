@@ -13,7 +13,7 @@ from blockdrop.analysis.policies import (
     top_policies_per_class,
     top_policies_table,
 )
-from blockdrop.analysis.tradeoff import Experiment, reference_points, settings_table, tradeoff_figure
+from blockdrop.analysis.tradeoff import Experiment, reference_points, settings_table, speedup_figure, tradeoff_figure
 
 __all__ = [
     "FIGURES",
@@ -31,6 +31,7 @@ __all__ = [
     "run_analysis",
     "settings_table",
     "spearman",
+    "speedup_figure",
     "top_policies_per_class",
     "top_policies_table",
     "tradeoff_figure",

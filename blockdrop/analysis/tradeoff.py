@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 
 from blockdrop.analysis.style import VARIANT_COLORS, save_figure, styled
 
-__all__ = ["PAPER", "Experiment", "reference_points", "settings_table", "tradeoff_figure"]
+__all__ = ["PAPER", "Experiment", "reference_points", "settings_table", "speedup_figure", "tradeoff_figure"]
 
 # (source, depth) -> variant -> (accuracy, FLOPs per image), the authors' README's numbers (docs/paper.md,
 # published numbers). The full-model FLOPs are this project's count under the authors' convention; CIFAR-100
@@ -278,4 +278,42 @@ def tradeoff_figure(experiments: list[Experiment], path: str | Path, title: str 
     handles, labels = ax.get_legend_handles_labels()  # matplotlib lists error-bar artists last: BlockDrop first
     order = sorted(range(len(labels)), key=lambda i: (not labels[i].startswith("BlockDrop"), i))
     fig.legend([handles[i] for i in order], [labels[i] for i in order], loc="outside right upper", fontsize=8)
+    return save_figure(fig, path, dpi)
+
+
+@styled
+def speedup_figure(experiments: list[Experiment], path: str | Path, title: str = "Accuracy against measured "
+                   "speed across the sweep", dpi: int = 150, seed_key: str = "seed") -> Path:
+    """Accuracy (%) against the measured speedup at batch 1 over the pretrained full backbone (the evaluate
+    stage's ``speedup.measured_batch1``), mean ± std over seeds per setting, each labelled by the grid values
+    that differ; the full networks at 1x. The FLOPs figure shows what a setting saves on paper, this one what
+    the machine that ran the sweep gave (a cost-aware reward can differ on one and not the other)."""
+    table = settings_table(experiments, seed_key)
+    keys = [k for k in dict.fromkeys(k for e in experiments for k in e.params) if k in table.columns]
+    differ = [k for k in keys if table[k].astype(str).nunique() > 1]
+    fig = Figure(figsize=(11, 6), layout="constrained")
+    ax = fig.add_subplot()
+    ax.errorbar(table["speedup_measured_mean"], 100 * table["accuracy_mean"], xerr=table["speedup_measured_std"],
+                yerr=100 * table["accuracy_std"], fmt="o", ms=6, capsize=3, elinewidth=0.8, zorder=3,
+                color=SERIES_COLORS[0], label="BlockDrop (mean ± std over seeds)")
+    # each label right of its point, above and below in turn along the speedup, so close settings stay apart
+    for j, values in enumerate(sorted(table.to_dict("records"), key=lambda r: r["speedup_measured_mean"])):
+        text = ", ".join(f"{_short(k)} {_fmt(values[k])}" for k in differ)
+        ax.annotate(text, (values["speedup_measured_mean"], 100 * values["accuracy_mean"]), fontsize=9,
+                    xytext=(7, 5 if j % 2 == 0 else -12), textcoords="offset points", color=SERIES_COLORS[0])
+    for variant, what, style in (("full", "pretrained", ":"), ("full_finetuned", "trained as BlockDrop's backbone",
+                                                                "-.")):
+        for label, per_seed, _ in _baselines(experiments, variant, seed_key):
+            acc = 100 * np.array(list(per_seed.values()))
+            ax.errorbar(1.0, acc.mean(), yerr=acc.std(), fmt="s" if variant == "full" else "D", ms=9, capsize=3,
+                        color=VARIANT_COLORS[variant], zorder=3,
+                        label=f"Full, {what}{', ' + label if label else ''} (1x)")
+            ax.axhline(acc.mean(), color=VARIANT_COLORS[variant], ls=style, lw=0.8)
+    ax.set_xlabel("measured speedup at batch 1 over the pretrained full network (evaluate stage, x)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title)
+    fastest = float(np.nanmax(table["speedup_measured_mean"] + table["speedup_measured_std"]))
+    ax.set_xlim(min(0.9, float(np.nanmin(table["speedup_measured_mean"])) - 0.1), max(1.1, fastest + 0.15))
+    ax.grid(alpha=0.3)
+    fig.legend(loc="outside right upper", fontsize=8)
     return save_figure(fig, path, dpi)
