@@ -137,7 +137,7 @@ def main(grid: dict[str, list[Any]] | None = None) -> int:
         return 1
     for name, r in result["results"].items():
         print(f"  {name}: {r['status'].lower()}" + (f" after {r['attempts']} attempts" if r["attempts"] > 1 else ""))
-    print(f"wall time {result['wall_seconds']:.0f} s; results in {OUT}/ (settings.csv, tradeoff.png)")
+    print(f"wall time {result['wall_seconds']:.0f} s; results in {OUT}/ (settings.csv, tradeoff.png, speedup.png)")
     print(result["report"])
     print(f"MLflow (make ui): parent run {result['links']['parent']}\n"
           f"  settings side by side: {result['links']['compare']}")
