@@ -250,6 +250,11 @@ def _baselines(members: list[Experiment], variant: str, seed_key: str) -> list[t
             for c, (_, per_seed, flops) in zip(shared, groups, strict=True)]
 
 
+def _grid_keys(experiments: list[Experiment], table: pd.DataFrame) -> list[str]:
+    """The params keys that are columns of the settings table, in the grid's order."""
+    return [k for k in dict.fromkeys(k for e in experiments for k in e.params) if k in table.columns]
+
+
 @styled
 def tradeoff_figure(experiments: list[Experiment], path: str | Path, title: str = "Accuracy against compute "
                     "across the sweep", dpi: int = 150, seed_key: str = "seed") -> Path:
@@ -257,7 +262,7 @@ def tradeoff_figure(experiments: list[Experiment], path: str | Path, title: str 
     ringed), FirstK/RandomK curves and the full backbone per depth (pretrained, and trained as BlockDrop's backbone
     where the experiments evaluated it), and the published points that match."""
     table = settings_table(experiments, seed_key)
-    keys = [k for k in dict.fromkeys(k for e in experiments for k in e.params) if k in table.columns]  # grid order
+    keys = _grid_keys(experiments, table)
     fig = Figure(figsize=(11, 6), layout="constrained")
     ax = fig.add_subplot()
     _draw_blockdrop(ax, table, keys)
@@ -289,8 +294,7 @@ def speedup_figure(experiments: list[Experiment], path: str | Path, title: str =
     that differ; the full networks at 1x. The FLOPs figure shows what a setting saves on paper, this one what
     the machine that ran the sweep gave (a cost-aware reward can differ on one and not the other)."""
     table = settings_table(experiments, seed_key)
-    keys = [k for k in dict.fromkeys(k for e in experiments for k in e.params) if k in table.columns]
-    differ = [k for k in keys if table[k].astype(str).nunique() > 1]
+    differ = [k for k in _grid_keys(experiments, table) if table[k].astype(str).nunique() > 1]
     fig = Figure(figsize=(11, 6), layout="constrained")
     ax = fig.add_subplot()
     ax.errorbar(table["speedup_measured_mean"], 100 * table["accuracy_mean"], xerr=table["speedup_measured_std"],
