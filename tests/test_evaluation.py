@@ -77,20 +77,28 @@ def test_per_class_table_by_hand() -> None:
     assert table["blocks_std"].tolist() == pytest.approx([1.0, 2.0])
 
 
-def test_heuristic_curves_at_every_k_run_the_pretrained_backbone() -> None:
-    # A random backbone on random images: the curves must be what predict() gives under each k's actions,
-    # FirstK at k = K must be the full network, and FLOPs (no policy) must follow the table exactly.
+def _random_backbone_and_images():
+    """A random ResNet-14 (K = 6) in eval mode, 30 random 8x8 images, their normalisation and a FLOPs table
+    with well separated made-up numbers."""
     from blockdrop.data import Normalize, Split
-    from blockdrop.evaluation import heuristic_curves
     from blockdrop.flops import FlopTable
     from blockdrop.models import cifar_resnet
-    from blockdrop.predict import predict
 
     torch.manual_seed(0)
-    model = cifar_resnet(14, 3, 1).eval()  # K = 6
+    model = cifar_resnet(14, 3, 1).eval()
     test = Split(torch.randint(0, 256, (30, 1, 8, 8), dtype=torch.uint8), torch.randint(0, 3, (30,)))
     norm = Normalize([0.5], [0.25], torch.device("cpu"))
     flops = FlopTable(base=7, blocks=(1, 10, 100, 1_000, 10_000, 100_000), policy=10**9)
+    return model, test, norm, flops
+
+
+def test_heuristic_curves_at_every_k_run_the_pretrained_backbone() -> None:
+    # A random backbone on random images: the curves must be what predict() gives under each k's actions,
+    # FirstK at k = K must be the full network, and FLOPs (no policy) must follow the table exactly.
+    from blockdrop.evaluation import heuristic_curves
+    from blockdrop.predict import predict
+
+    model, test, norm, flops = _random_backbone_and_images()
     curves = heuristic_curves(model, test, norm, flops, torch.Generator().manual_seed(3), batch_size=8)
 
     assert curves["k"].tolist() == [1, 2, 3, 4, 5, 6]
@@ -104,16 +112,9 @@ def test_heuristic_curves_at_every_k_run_the_pretrained_backbone() -> None:
 
 def test_heuristic_curves_with_a_step_keep_those_ks_and_always_the_full_network() -> None:
     # K = 6 at step 2: k = 1, 3, 5 and K. FirstK draws nothing at random, so its rows are the step-1 table's.
-    from blockdrop.data import Normalize, Split
     from blockdrop.evaluation import heuristic_curves
-    from blockdrop.flops import FlopTable
-    from blockdrop.models import cifar_resnet
 
-    torch.manual_seed(0)
-    model = cifar_resnet(14, 3, 1).eval()
-    test = Split(torch.randint(0, 256, (30, 1, 8, 8), dtype=torch.uint8), torch.randint(0, 3, (30,)))
-    norm = Normalize([0.5], [0.25], torch.device("cpu"))
-    flops = FlopTable(base=7, blocks=(1, 10, 100, 1_000, 10_000, 100_000), policy=10**9)
+    model, test, norm, flops = _random_backbone_and_images()
     every = heuristic_curves(model, test, norm, flops, torch.Generator().manual_seed(3), batch_size=8)
     stepped = heuristic_curves(model, test, norm, flops, torch.Generator().manual_seed(3), batch_size=8, k_step=2)
 
