@@ -9,6 +9,7 @@ the mean with its spread (population std over seeds). Inputs are what each exper
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +42,8 @@ QUANTITIES = {
     "full_accuracy": ("full", "accuracy"),
 }
 DEPTH_MARKERS = ("s", "D", "^", "v", "P", "X")
+# the full networks BlockDrop is compared with: (evaluate variant, description, line style at its accuracy)
+FULL_NETWORKS = (("full", "pretrained", ":"), ("full_finetuned", "trained as BlockDrop's backbone", "-."))
 
 
 @dataclass
@@ -205,18 +208,24 @@ def _draw_backbones(ax, experiments: list[Experiment], seed_key: str) -> None:
                 gx = np.array([_value(e.metrics, variant, "flops_mean") for e in members]) / 1e9
                 acc = 100 * np.array([_value(e.metrics, variant, "accuracy") for e in members])
                 ax.plot(gx, acc, "x", ms=7, mew=1.5, ls="none", color=color, label=f"{name}{tag} (k = BlockDrop's)")
-        # The pretrained full network, and (experiments that evaluated it) the one trained as BlockDrop's backbone:
-        # one marker per network the settings were compared with (a sweep over finetune's budget has several)
-        j = 0
-        for variant, what, style in (("full", "pretrained", ":"), ("full_finetuned", "trained as BlockDrop's "
-                                                                  "backbone", "-.")):
-            for label, per_seed, flops in _baselines(members, variant, seed_key):
-                acc = 100 * np.array(list(per_seed.values()))
-                ax.errorbar(flops / 1e9, acc.mean(), yerr=acc.std(), fmt=DEPTH_MARKERS[(i + j) % 6], ms=9,
-                            capsize=3, color=VARIANT_COLORS[variant], zorder=3,
-                            label=f"Full {name_of}, {what}{', ' + label if label else ''}")
-                ax.axhline(acc.mean(), color=VARIANT_COLORS[variant], ls=style, lw=0.8)  # the accuracy to keep
-                j += 1
+        _draw_full_networks(ax, members, seed_key, f"Full {name_of}", x_at=lambda flops: flops / 1e9,
+                            marker=lambda j, _, i=i: DEPTH_MARKERS[(i + j) % 6])
+
+
+def _draw_full_networks(ax, members: list[Experiment], seed_key: str, name: str, x_at: Callable[[float], float],
+                        marker: Callable[[int, str], str], suffix: str = "") -> None:
+    """The pretrained full network and (experiments that evaluated it) the one trained as BlockDrop's backbone,
+    mean ± std over seeds at ``x_at(its FLOPs)``, each with a line at the accuracy BlockDrop has to keep: one
+    marker (``marker(j, variant)`` for the j-th) per network the settings were compared with (a sweep over
+    finetune's budget has several)."""
+    networks = [(variant, what, style, *baseline) for variant, what, style in FULL_NETWORKS
+                for baseline in _baselines(members, variant, seed_key)]
+    for j, (variant, what, style, label, per_seed, flops) in enumerate(networks):
+        acc = 100 * np.array(list(per_seed.values()))
+        ax.errorbar(x_at(flops), acc.mean(), yerr=acc.std(), fmt=marker(j, variant), ms=9, capsize=3,
+                    color=VARIANT_COLORS[variant], zorder=3,
+                    label=f"{name}, {what}{', ' + label if label else ''}{suffix}")
+        ax.axhline(acc.mean(), color=VARIANT_COLORS[variant], ls=style, lw=0.8)
 
 
 def _baselines(members: list[Experiment], variant: str, seed_key: str) -> list[tuple[str, dict, float]]:
@@ -305,14 +314,8 @@ def speedup_figure(experiments: list[Experiment], path: str | Path, title: str =
         text = ", ".join(f"{_short(k)} {_fmt(values[k])}" for k in differ)
         ax.annotate(text, (values["speedup_measured_mean"], 100 * values["accuracy_mean"]), fontsize=9,
                     xytext=(7, 5 if j % 2 == 0 else -12), textcoords="offset points", color=SERIES_COLORS[0])
-    for variant, what, style in (("full", "pretrained", ":"), ("full_finetuned", "trained as BlockDrop's backbone",
-                                                                "-.")):
-        for label, per_seed, _ in _baselines(experiments, variant, seed_key):
-            acc = 100 * np.array(list(per_seed.values()))
-            ax.errorbar(1.0, acc.mean(), yerr=acc.std(), fmt="s" if variant == "full" else "D", ms=9, capsize=3,
-                        color=VARIANT_COLORS[variant], zorder=3,
-                        label=f"Full, {what}{', ' + label if label else ''} (1x)")
-            ax.axhline(acc.mean(), color=VARIANT_COLORS[variant], ls=style, lw=0.8)
+    _draw_full_networks(ax, experiments, seed_key, "Full", x_at=lambda _: 1.0,
+                        marker=lambda _, variant: "s" if variant == "full" else "D", suffix=" (1x)")
     ax.set_xlabel("measured speedup at batch 1 over the pretrained full network (evaluate stage, x)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title)
