@@ -34,7 +34,10 @@ pytestmark = pytest.mark.e2e  # runs stages, servers or other processes: `make t
 FOLDER = {
     "data": {"source": "folder", "raw": "data/raw/flowers", "transforms": "cifar", "val_size": 24, "train_limit": 0,
              "test_limit": 0},
-    "pretrain": {"epochs": 3, "batch_size": 32, "crop_size": 16, "crop_padding": 2},
+    # About 60 steps (8 epochs at batch 16) scored 100% on 32 of 32 runs (seeds 0-15, fp32 and bf16). 12 steps
+    # (3 epochs at batch 32) left batch norm's running statistics (momentum 0.1) far from the data's: seeds 0
+    # and 1 trained to 100% but called one class another in eval mode (test accuracy 0.71, 0.67).
+    "pretrain": {"epochs": 8, "batch_size": 16, "crop_size": 16, "crop_padding": 2},
     "curriculum": {"epochs": 2, "images_per_epoch": 96, "batch_size": 32},
     "finetune": {"epochs": 1, "images_per_epoch": 96, "batch_size": 32},
     "evaluate": {"batch_size": 64, "latency_images": 6, "latency_warmup": 2},
