@@ -3,7 +3,7 @@
 Each experiment's ``evaluate`` stage times its own speedup when it runs, minutes or hours after the others. On a
 machine whose speed drifts (a shared host, another job), those numbers are taken under different conditions: the
 ratio is measured in turns, full backbone and BlockDrop alternating, yet one model measured 1.46x in its stage,
-while the host ran the full backbone at half its usual speed, and 1.30-1.31x here on a quiet one. To compare
+while the host ran the full backbone at half its usual speed, and 1.29-1.31x here on a quiet one. To compare
 settings, this bench loads every experiment's models (its commit's ``models/backbone.pt`` and
 ``models/blockdrop.pt``, through ``dvc.api`` from the DVC cache or remote) and times them the way ``evaluate`` does
 (``measure_latency``: one image at a time, the two predictors in turns, fp32, on ``--threads`` threads), every
