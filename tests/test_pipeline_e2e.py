@@ -136,6 +136,30 @@ def test_changing_one_param_reruns_only_what_depends_on_it(repro: Path) -> None:
         params.write_text(original)
 
 
+
+def test_a_setting_run_before_is_restored_from_the_run_cache(repro: Path) -> None:
+    """Back to a penalty already run, ``dvc repro`` restores finetune and evaluate from DVC's run cache instead of
+    training again: their git-tracked reports are metrics and plots, as DVC requires of a run-cache entry."""
+    params = repro / "params.yaml"
+    original = params.read_text()
+    other = original.replace("penalty: 3.4", "penalty: 5.0")
+    assert other != original
+    try:
+        params.write_text(other)
+        first = dvc(repro, "repro").stdout
+        assert "Running stage 'finetune'" in first and "Running stage 'curriculum'" not in first
+        params.write_text(original)
+        dvc(repro, "repro")
+        params.write_text(other)
+        again = dvc(repro, "repro").stdout
+        for stage in ("finetune", "evaluate"):
+            assert f"Stage '{stage}' is cached - skipping run" in again, again[-3000:]
+            assert f"Running stage '{stage}'" not in again
+    finally:
+        params.write_text(original)
+        dvc(repro, "repro")
+    assert "up to date" in dvc(repro, "status").stdout.lower()
+
 def test_report_and_dvc_plots_render_offline(repro: Path) -> None:
     """What a person opens: the self-contained report and `make plots`, in headless Chromium."""
     if not (shutil.which("chromium") and shutil.which("chromedriver")):
