@@ -28,7 +28,6 @@ import itertools
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,11 +37,13 @@ import dvc.api
 import torch
 from inference_models import cpu_model
 
+from blockdrop import project
 from blockdrop.data import Normalize, load_meta, load_split
 from blockdrop.inference import BatchedSkippingPredictor, FastResNet, FullPredictor, SkippingPredictor, measure_latency
 from blockdrop.models import BlockResNet, load_backbone, load_blockdrop
 
 MODELS = ("models/backbone.pt", "models/blockdrop.pt")
+METRICS = "reports/evaluate/metrics.json"
 
 
 def experiments(sweeps: list[Path]) -> dict[str, str]:
@@ -57,8 +58,9 @@ def experiments(sweeps: list[Path]) -> dict[str, str]:
 
 def stage_metrics(commit: str) -> dict:
     """The experiment's own ``reports/evaluate/metrics.json`` (git-tracked, so read from its commit)."""
-    text = subprocess.run(["git", "show", f"{commit}:reports/evaluate/metrics.json"], capture_output=True,
-                          text=True, check=True).stdout
+    text = project.git("show", f"{commit}:{METRICS}")
+    if text is None:
+        sys.exit(f"error: no {METRICS} at {commit}: is the experiment's commit in this repository?")
     return json.loads(text)
 
 
