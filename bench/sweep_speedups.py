@@ -40,7 +40,7 @@ from inference_models import cpu_model
 from blockdrop import project
 from blockdrop.data import Normalize, load_meta, load_split
 from blockdrop.inference import BatchedSkippingPredictor, FastResNet, FullPredictor, SkippingPredictor, measure_latency
-from blockdrop.models import BlockResNet, load_backbone, load_blockdrop
+from blockdrop.models import load_backbone, load_blockdrop
 
 MODELS = ("models/backbone.pt", "models/blockdrop.pt")
 METRICS = "reports/evaluate/metrics.json"
@@ -79,10 +79,9 @@ def predictors(commit: str, scratch: Path, test: torch.Tensor) -> tuple[FullPred
 
 
 @torch.inference_mode()
-def block_times(net: BlockResNet, image: torch.Tensor, rounds: int) -> torch.Tensor:
+def block_times(fast: FastResNet, image: torch.Tensor, rounds: int) -> torch.Tensor:
     """Median seconds of each residual block at batch 1 as the engine runs it (folded, channels_last, its
     ``branch(x) + shortcut`` then ReLU), every block once per round on its real input."""
-    fast = FastResNet(net)
     times: list[list[float]] = [[] for _ in fast.branches]
     for _ in range(rounds):
         x = fast._stem(image.contiguous(memory_format=torch.channels_last))
@@ -126,7 +125,7 @@ def main() -> None:
             for name, (full, blockdrop, _) in loaded.items():
                 speedups[name].append(measure_latency(full, blockdrop, images, args.warmup, args.threads)["speedup"])
         first = next(iter(loaded.values()))[0]
-        table = block_times(first.backbone, images[:1], args.block_rounds)
+        table = block_times(first.fast, images[:1], args.block_rounds)
 
     stages = first.backbone.blocks_per_stage
     bounds = [sum(stages[:i]) for i in range(len(stages) + 1)]

@@ -136,7 +136,6 @@ def test_changing_one_param_reruns_only_what_depends_on_it(repro: Path) -> None:
         params.write_text(original)
 
 
-
 def test_a_setting_run_before_is_restored_from_the_run_cache(repro: Path) -> None:
     """Back to a penalty already run, ``dvc repro`` restores finetune and evaluate from DVC's run cache instead of
     training again: their git-tracked reports are metrics and plots, as DVC requires of a run-cache entry."""
