@@ -19,6 +19,7 @@ from blockdrop import lineage
 from blockdrop.config import Finetune
 from blockdrop.data import Normalize
 from blockdrop.models import cifar_resnet, policy_resnet8
+from blockdrop.predict import accuracy, predict
 from blockdrop.train import finetune as finetune_module
 from blockdrop.train import finetune_full as finetune_full_module
 from blockdrop.train.context import TrainContext
@@ -183,3 +184,29 @@ def test_a_resumed_run_matches_an_unbroken_one(tmp_path: Path) -> None:
     resumed, b = run(tmp_path / "b.pt")
     assert resumed == unbroken and [r["lr"] for r in resumed] == pytest.approx([4e-3, 4e-4])
     assert same(a.state_dict(), b.state_dict())
+
+
+def test_a_static_subnetwork_trains_only_its_blocks_on_the_same_budget(tmp_path: Path) -> None:
+    cfg = Finetune(**{**BUDGET.model_dump(), "epochs": 2, "lr_decay_epoch": 1})
+    start = pretrained(8).state_dict()  # ResNet-8: 3 blocks, one per stage
+    keep = torch.tensor([1.0, 0.0, 1.0])
+
+    def train(mask: torch.Tensor | None, name: str) -> tuple[list[dict], torch.nn.Module]:
+        backbone = pretrained(8)
+        history = finetune_full(backbone, tiny_split(64, 1), tiny_split(32, 2), NORMALIZE, cfg,
+                                TrainContext(torch.Generator().manual_seed(0), "fp32", tmp_path / f"{name}.pt", "key"),
+                                keep=mask)
+        return history, backbone
+
+    history, static = train(keep, "static")
+    trained = {k for k, v in static.state_dict().items() if not torch.equal(v, start[k])}
+    assert trained and not any(k.startswith("blocks.1.") for k in trained)  # the dropped block is never touched
+    assert any(k.startswith("blocks.0.") for k in trained) and any(k.startswith("blocks.2.") for k in trained)
+    # the history's validation accuracy is the subnetwork's, not the full network's
+    val = tiny_split(32, 2)
+    assert history[-1]["val/accuracy"] == accuracy(
+        predict(static, val, NORMALIZE, policy_fn=lambda x: keep.expand(len(x), -1)), val.labels)
+    # every block kept is the fair baseline itself, bit for bit
+    all_history, all_kept = train(torch.ones(3), "all")
+    full_history, full = train(None, "full")
+    assert all_history == full_history and same(all_kept.state_dict(), full.state_dict())

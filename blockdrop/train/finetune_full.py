@@ -18,6 +18,10 @@ What differs is what makes it the full network: every block runs on every image,
 cross-entropy of its logits (finetune's loss is the policy gradient plus the cross-entropy under the sampled
 actions, plus ``greedy_ce`` times the one under the greedy actions; with every block on, both cross-entropies
 are the same one, and Adam's steps do not depend on a constant factor on the loss).
+
+``keep`` trains a *static* subnetwork on the same budget instead: a fixed set of blocks, the same for every
+image, run and trained alone (``bench/static_subnets.py`` sets it to the blocks BlockDrop's policy keeps most
+often, to ask what the per-image choice is worth over a fixed one).
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ def finetune_full(
     normalize: Normalize,
     cfg: Finetune,
     loop: TrainContext,
+    keep: torch.Tensor | None = None,
 ) -> list[dict[str, float]]:
     """Train ``backbone`` in place with every block on, on finetune's budget; return one history row per epoch.
 
@@ -65,7 +70,7 @@ def finetune_full(
     ``backbone_lr``, ``lr_decay_epoch``, ``lr_decay``, ``crop_padding`` and ``flip``; never the policy's keys.
     ``loop`` as for finetune (:class:`TrainContext`): rank 0 alone validates, saves the resume state and calls
     ``loop.on_epoch``/``loop.on_resume``; ``loop.sync_bn``: on GPUs, synchronised BatchNorm (every rank runs every
-    layer of the full network).
+    layer of the full network). ``keep``: a 0/1 mask of the blocks to run, the same for every image (None: all).
     """
     generator, precision, dist = loop.generator, loop.precision, loop.dist
     backbone.requires_grad_(True)
@@ -76,7 +81,11 @@ def finetune_full(
     start, history = loop.resume(parts)  # calls loop.on_resume when it continues a killed run
     steps = dist.steps(min(cfg.images_per_epoch, len(train)), cfg.batch_size)
     net = compiled(backbone, loop.compile_model)
-    forward = data_parallel(dist, lambda x: net(x), [backbone], skips_blocks=False)
+
+    def policy(x: torch.Tensor) -> torch.Tensor | None:
+        return None if keep is None else keep.to(x.device, torch.float32).expand(len(x), -1)
+
+    forward = data_parallel(dist, lambda x: net(x, policy(x)), [backbone], skips_blocks=keep is not None)
 
     for epoch in range(start, cfg.epochs):
         optimizer.param_groups[0]["lr"] = base_lr * lr_factor(epoch, cfg)  # set, never multiplied: resume-safe
@@ -101,7 +110,8 @@ def finetune_full(
         seen, loss_sum, correct = all_reduce_sum(dist, {"seen": seen, "loss": loss_sum, "correct": correct}).values()
         if not dist.is_main:
             continue  # rank 0 validates and saves; the others wait for it in the next step's gradient exchange
-        val_acc = accuracy(predict(backbone, val, normalize, precision=precision), val.labels) if len(val) else 0.0
+        val_acc = (accuracy(predict(backbone, val, normalize, precision=precision, policy_fn=policy), val.labels)
+                   if len(val) else 0.0)
         row = {"epoch": epoch + 1, "train/loss": float(loss_sum / seen), "train/accuracy": float(correct / seen),
                "train/images": int(seen), "val/accuracy": val_acc, "lr": optimizer.param_groups[0]["lr"]}
         history.append(row)
