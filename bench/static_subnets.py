@@ -6,19 +6,22 @@ does not ask: what does a network that always runs the same few blocks reach on 
 blocks BlockDrop's policy keeps most often on the validation split (the k most used, for each k asked), trains the
 pretrained backbone with only those blocks on, on exactly finetune's budget (``finetune_full`` with ``keep``: the
 same images in the same order, crops, flips, Adam at the backbone's rate, precision), and prints each static
-network's test accuracy beside BlockDrop's and the fair baseline's, all scored in this run.
+network's test accuracy beside BlockDrop's and the fair baseline's, all scored in this run, in the stage's
+precision (bf16 where the CPU runs it natively: a few hundredths from ``evaluate``'s fp32 accuracies).
 
     python bench/static_subnets.py                   # models/ and params.yaml; k = 7, 8 and 10
     python bench/static_subnets.py --keep 6,8 --models DIR   # blockdrop.pt, backbone.pt, backbone_finetuned.pt
 
-Each k trains for as long as ``finetune-full`` does with k/K of its blocks (minutes per k on a 2-core CPU). The
-static networks need no policy network at inference and run the same blocks on every image; BlockDrop's FLOPs
-and speed are in ``reports/evaluate``.
+Each k trains for as long as ``finetune-full`` does with k/K of its blocks (minutes per k on a 2-core CPU). FLOPs
+fewer is per image against the full backbone, BlockDrop's policy network included; a static network needs none.
+``batch 1`` is the speedup over the full backbone, one image at a time, all in turns as ``evaluate`` times
+BlockDrop (``evaluate.latency_*`` params; run it on a quiet machine). ``--no-train`` times and counts only.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import tempfile
 from pathlib import Path
@@ -29,6 +32,8 @@ from inference_models import cpu_model
 from blockdrop.config import load_params
 from blockdrop.data import load_meta, load_split
 from blockdrop.data.batches import Normalize
+from blockdrop.flops import count_flops
+from blockdrop.inference import FastResNet, FullPredictor, SkippingPredictor, measure_latency
 from blockdrop.models import load_backbone, load_blockdrop
 from blockdrop.predict import accuracy, predict, run_policy
 from blockdrop.runtime import resolve_precision, seed_everything
@@ -46,12 +51,31 @@ def most_used(actions: torch.Tensor, k: int) -> torch.Tensor:
     return keep
 
 
+def time_batch1(full: torch.nn.Module, backbone: torch.nn.Module, policy: torch.nn.Module,
+                keeps: dict[int, torch.Tensor], images: torch.Tensor, warmup: int, threads: int) -> dict:
+    """Speedup over the full backbone at batch 1 of BlockDrop and of each static network, timed in turns as
+    ``evaluate`` times BlockDrop. A static network's time depends on its blocks, not its weights: it is timed on
+    the pretrained backbone's, before any training."""
+    fast = FastResNet(full)
+
+    def static(keep: torch.Tensor):
+        mask, counts = keep.bool()[None], [int(a) for a in keep.tolist()]
+        return lambda image: fast(image.contiguous(memory_format=torch.channels_last), mask, counts)
+
+    with torch.inference_mode():
+        result = measure_latency(FullPredictor(full), SkippingPredictor(backbone, policy), images, warmup, threads,
+                                 others={str(k): static(keep) for k, keep in keeps.items()})
+    return {"blockdrop": result["speedup"], **{k: result["full_ms"] / result[f"{k}_ms"] for k in keeps}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", type=Path, default=Path("models"))
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
     ap.add_argument("--keep", default="7,8,10", help="block counts of the static networks, comma-separated")
+    ap.add_argument("--no-train", action="store_true", help="time and count the static networks, train none")
     args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")  # a line per epoch
     params = load_params(args.params)
     device = torch.device("cpu")
     precision = resolve_precision(params.precision, device)
@@ -66,28 +90,43 @@ def main() -> None:
     fair_acc = accuracy(predict(load_backbone(args.models / "backbone_finetuned.pt"), test, normalize,
                                 precision=precision), test.labels)
     num_blocks = actions.shape[1]
+    flops = count_flops(backbone, tuple(meta.shape), policy)  # one image; BlockDrop pays its policy network too
     print(f"{cpu_model()}, {torch.get_num_threads()} threads, {precision}; seed {params.seed}; finetune budget "
           f"{params.finetune.epochs} x {params.finetune.images_per_epoch} images; K = {num_blocks}")
     print("BlockDrop's use of each block (validation): "
           + " ".join(f"{u:.2f}" for u in val_actions.float().mean(0).tolist()))
-    rows = [("full, trained as BlockDrop's backbone", float(num_blocks), fair_acc, ""),
-            ("BlockDrop (per image)", actions.sum(1).mean().item(), blockdrop_acc, "")]
-    for k in sorted({int(k) for k in args.keep.split(",")}):
-        if not 0 < k <= num_blocks:
-            sys.exit(f"--keep: {k} is not between 1 and {num_blocks}")
-        keep = most_used(val_actions, k)
+    rows = [("full, trained as BlockDrop's backbone", float(num_blocks), fair_acc, 1.0, ""),
+            ("BlockDrop (per image)", actions.sum(1).mean().item(), blockdrop_acc,
+             flops.full / flops.per_image(actions).mean().item(), "")]  # + the speedup at batch 1, below
+    ks = sorted({int(k) for k in args.keep.split(",")})
+    if not all(0 < k <= num_blocks for k in ks):
+        sys.exit(f"--keep: every count must be between 1 and {num_blocks}")
+    keeps = {k: most_used(val_actions, k) for k in ks}
+    speedups = time_batch1(load_backbone(args.models / "backbone.pt"), backbone, policy, keeps,
+                           normalize(test.images[:params.evaluate.latency_warmup + params.evaluate.latency_images]),
+                           params.evaluate.latency_warmup, params.evaluate.latency_threads)
+    rows[1] += (speedups["blockdrop"],)
+    rows[0] += (1.0,)
+    for k, keep in keeps.items():
+        fewer = flops.full / flops.per_image(keep[None], with_policy=False).item()
+        kept = "".join(str(int(a)) for a in keep.tolist())
+        if args.no_train:
+            rows.append((f"static, the {k} most used", float(k), float("nan"), fewer, kept, speedups[k]))
+            continue
         static = load_backbone(args.models / "backbone.pt").to(memory_format=torch.channels_last)
         with tempfile.TemporaryDirectory() as tmp:
             loop = TrainContext(seed_everything(params.seed), precision, Path(tmp) / "state.pt", "static")
             finetune_full(static, train, val, normalize, params.finetune, loop, keep=keep)
         acc = accuracy(predict(static, test, normalize, precision=precision,
                                policy_fn=lambda x, keep=keep: keep.expand(len(x), -1)), test.labels)
-        rows.append((f"static, the {k} most used", float(k), acc, "".join(str(int(a)) for a in keep.tolist())))
+        rows.append((f"static, the {k} most used", float(k), acc, fewer, kept, speedups[k]))
         print(f"  static k={k} trained: {100 * acc:.2f}%", flush=True)
 
-    print(f"\n{'network':40s} {'blocks':>7s} {'test acc':>9s} {'below fair':>11s}  blocks kept")
-    for name, blocks, acc, kept in rows:
-        print(f"{name:40s} {blocks:7.2f} {100 * acc:8.2f}% {100 * (fair_acc - acc):11.2f}  {kept}")
+    print(f"\n{'network':40s} {'blocks':>7s} {'test acc':>9s} {'below fair':>11s} {'FLOPs fewer':>12s} "
+          f"{'batch 1':>8s}  blocks kept")
+    for name, blocks, acc, fewer, kept, speedup in rows:
+        scored = f"{100 * acc:8.2f}% {100 * (fair_acc - acc):11.2f}" if acc == acc else f"{'-':>9s} {'-':>11s}"  # nan
+        print(f"{name:40s} {blocks:7.2f} {scored} {fewer:11.2f}x {speedup:7.2f}x  {kept}")
 
 
 if __name__ == "__main__":
