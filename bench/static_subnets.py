@@ -30,8 +30,7 @@ import torch
 from inference_models import cpu_model
 
 from blockdrop.config import load_params
-from blockdrop.data import load_meta, load_split
-from blockdrop.data.batches import Normalize
+from blockdrop.data import Normalize, load_meta, load_split
 from blockdrop.flops import count_flops
 from blockdrop.inference import FastResNet, FullPredictor, SkippingPredictor, measure_latency
 from blockdrop.models import load_backbone, load_blockdrop
@@ -45,9 +44,8 @@ from blockdrop.train.finetune_full import finetune_full
 def most_used(actions: torch.Tensor, k: int) -> torch.Tensor:
     """The 0/1 mask of the ``k`` blocks kept by the most images (ties: the earlier block)."""
     usage = actions.float().mean(0)
-    order = sorted(range(len(usage)), key=lambda t: (-usage[t].item(), t))
     keep = torch.zeros(len(usage))
-    keep[order[:k]] = 1.0
+    keep[torch.sort(-usage, stable=True).indices[:k]] = 1.0
     return keep
 
 
@@ -95,9 +93,6 @@ def main() -> None:
           f"{params.finetune.epochs} x {params.finetune.images_per_epoch} images; K = {num_blocks}")
     print("BlockDrop's use of each block (validation): "
           + " ".join(f"{u:.2f}" for u in val_actions.float().mean(0).tolist()))
-    rows = [("full, trained as BlockDrop's backbone", float(num_blocks), fair_acc, 1.0, ""),
-            ("BlockDrop (per image)", actions.sum(1).mean().item(), blockdrop_acc,
-             flops.full / flops.per_image(actions).mean().item(), "")]  # + the speedup at batch 1, below
     ks = sorted({int(k) for k in args.keep.split(",")})
     if not all(0 < k <= num_blocks for k in ks):
         sys.exit(f"--keep: every count must be between 1 and {num_blocks}")
@@ -105,8 +100,9 @@ def main() -> None:
     speedups = time_batch1(load_backbone(args.models / "backbone.pt"), backbone, policy, keeps,
                            normalize(test.images[:params.evaluate.latency_warmup + params.evaluate.latency_images]),
                            params.evaluate.latency_warmup, params.evaluate.latency_threads)
-    rows[1] += (speedups["blockdrop"],)
-    rows[0] += (1.0,)
+    rows = [("full, trained as BlockDrop's backbone", float(num_blocks), fair_acc, 1.0, "", 1.0),
+            ("BlockDrop (per image)", actions.sum(1).mean().item(), blockdrop_acc,
+             flops.full / flops.per_image(actions).mean().item(), "", speedups["blockdrop"])]
     for k, keep in keeps.items():
         fewer = flops.full / flops.per_image(keep[None], with_policy=False).item()
         kept = "".join(str(int(a)) for a in keep.tolist())
