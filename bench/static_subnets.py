@@ -32,7 +32,7 @@ from inference_models import cpu_model
 from blockdrop.config import load_params
 from blockdrop.data import Normalize, load_meta, load_split
 from blockdrop.flops import count_flops
-from blockdrop.inference import FastResNet, FullPredictor, SkippingPredictor, measure_latency
+from blockdrop.inference import FullPredictor, SkippingPredictor, measure_latency
 from blockdrop.models import load_backbone, load_blockdrop
 from blockdrop.predict import accuracy, predict, run_policy
 from blockdrop.runtime import resolve_precision, seed_everything
@@ -54,14 +54,15 @@ def time_batch1(full: torch.nn.Module, backbone: torch.nn.Module, policy: torch.
     """Speedup over the full backbone at batch 1 of BlockDrop and of each static network, timed in turns as
     ``evaluate`` times BlockDrop. A static network's time depends on its blocks, not its weights: it is timed on
     the pretrained backbone's, before any training."""
-    fast = FastResNet(full)
+    full_predictor = FullPredictor(full)
+    fast = full_predictor.fast  # the static networks run the full predictor's folded network, fewer blocks
 
     def static(keep: torch.Tensor):
         mask, counts = keep.bool()[None], [int(a) for a in keep.tolist()]
         return lambda image: fast(image.contiguous(memory_format=torch.channels_last), mask, counts)
 
     with torch.inference_mode():
-        result = measure_latency(FullPredictor(full), SkippingPredictor(backbone, policy), images, warmup, threads,
+        result = measure_latency(full_predictor, SkippingPredictor(backbone, policy), images, warmup, threads,
                                  others={str(k): static(keep) for k, keep in keeps.items()})
     return {"blockdrop": result["speedup"], **{k: result["full_ms"] / result[f"{k}_ms"] for k in keeps}}
 
