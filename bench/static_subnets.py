@@ -11,6 +11,7 @@ precision (bf16 where the CPU runs it natively: a few hundredths from ``evaluate
 
     python bench/static_subnets.py                   # models/ and params.yaml; k = 7, 8 and 10
     python bench/static_subnets.py --keep 6,8 --models DIR   # blockdrop.pt, backbone.pt, backbone_finetuned.pt
+    python bench/static_subnets.py --choice spread --keep 8  # each stage's first blocks in turn: no policy's choice
 
 Each k trains for as long as ``finetune-full`` does with k/K of its blocks (minutes per k on a 2-core CPU). FLOPs
 fewer is per image against the full backbone, BlockDrop's policy network included; a static network needs none.
@@ -49,6 +50,17 @@ def most_used(actions: torch.Tensor, k: int) -> torch.Tensor:
     return keep
 
 
+def spread(blocks_per_stage: tuple[int, ...], k: int) -> torch.Tensor:
+    """The 0/1 mask of ``k`` blocks chosen without any policy: each stage's first blocks, taken a stage at a
+    time in turn (k = 8 of 5/5/5: the first 3, 3 and 2 of the three stages)."""
+    starts = [sum(blocks_per_stage[:s]) for s in range(len(blocks_per_stage))]
+    order = [start + i for i in range(max(blocks_per_stage))
+             for start, n in zip(starts, blocks_per_stage, strict=True) if i < n]
+    keep = torch.zeros(sum(blocks_per_stage))
+    keep[order[:k]] = 1.0
+    return keep
+
+
 def time_batch1(full: torch.nn.Module, backbone: torch.nn.Module, policy: torch.nn.Module,
                 keeps: dict[int, torch.Tensor], images: torch.Tensor, warmup: int, threads: int) -> dict:
     """Speedup over the full backbone at batch 1 of BlockDrop and of each static network, timed in turns as
@@ -73,6 +85,8 @@ def main() -> None:
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
     ap.add_argument("--keep", default="7,8,10", help="block counts of the static networks, comma-separated")
     ap.add_argument("--no-train", action="store_true", help="time and count the static networks, train none")
+    ap.add_argument("--choice", choices=("most-used", "spread"), default="most-used",
+                    help="the k blocks: BlockDrop's most used, or each stage's first in turn (no policy)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")  # a line per epoch
     params = load_params(args.params)
@@ -97,7 +111,8 @@ def main() -> None:
     ks = sorted({int(k) for k in args.keep.split(",")})
     if not all(0 < k <= num_blocks for k in ks):
         sys.exit(f"--keep: every count must be between 1 and {num_blocks}")
-    keeps = {k: most_used(val_actions, k) for k in ks}
+    keeps = {k: most_used(val_actions, k) if args.choice == "most-used" else spread(backbone.blocks_per_stage, k)
+             for k in ks}
     speedups = time_batch1(load_backbone(args.models / "backbone.pt"), backbone, policy, keeps,
                            normalize(test.images[:params.evaluate.latency_warmup + params.evaluate.latency_images]),
                            params.evaluate.latency_warmup, params.evaluate.latency_threads)
@@ -108,7 +123,7 @@ def main() -> None:
         fewer = flops.full / flops.per_image(keep[None], with_policy=False).item()
         kept = "".join(str(int(a)) for a in keep.tolist())
         if args.no_train:
-            rows.append((f"static, the {k} most used", float(k), float("nan"), fewer, kept, speedups[k]))
+            rows.append((f"static, {k} {args.choice}", float(k), float("nan"), fewer, kept, speedups[k]))
             continue
         static = load_backbone(args.models / "backbone.pt").to(memory_format=torch.channels_last)
         with tempfile.TemporaryDirectory() as tmp:
@@ -116,7 +131,7 @@ def main() -> None:
             finetune_full(static, train, val, normalize, params.finetune, loop, keep=keep)
         acc = accuracy(predict(static, test, normalize, precision=precision,
                                policy_fn=lambda x, keep=keep: keep.expand(len(x), -1)), test.labels)
-        rows.append((f"static, the {k} most used", float(k), acc, fewer, kept, speedups[k]))
+        rows.append((f"static, {k} {args.choice}", float(k), acc, fewer, kept, speedups[k]))
         print(f"  static k={k} trained: {100 * acc:.2f}%", flush=True)
 
     print(f"\n{'network':40s} {'blocks':>7s} {'test acc':>9s} {'below fair':>11s} {'FLOPs fewer':>12s} "
