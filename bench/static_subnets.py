@@ -121,9 +121,9 @@ def main() -> None:
              flops.full / flops.per_image(actions).mean().item(), "", speedups["blockdrop"])]
     for k, keep in keeps.items():
         fewer = flops.full / flops.per_image(keep[None], with_policy=False).item()
-        kept = "".join(str(int(a)) for a in keep.tolist())
+        kept, name = "".join(str(int(a)) for a in keep.tolist()), f"static, {k} {args.choice}"
         if args.no_train:
-            rows.append((f"static, {k} {args.choice}", float(k), float("nan"), fewer, kept, speedups[k]))
+            rows.append((name, float(k), float("nan"), fewer, kept, speedups[k]))
             continue
         static = load_backbone(args.models / "backbone.pt").to(memory_format=torch.channels_last)
         with tempfile.TemporaryDirectory() as tmp:
@@ -131,7 +131,7 @@ def main() -> None:
             finetune_full(static, train, val, normalize, params.finetune, loop, keep=keep)
         acc = accuracy(predict(static, test, normalize, precision=precision,
                                policy_fn=lambda x, keep=keep: keep.expand(len(x), -1)), test.labels)
-        rows.append((f"static, {k} {args.choice}", float(k), acc, fewer, kept, speedups[k]))
+        rows.append((name, float(k), acc, fewer, kept, speedups[k]))
         print(f"  static k={k} trained: {100 * acc:.2f}%", flush=True)
 
     print(f"\n{'network':40s} {'blocks':>7s} {'test acc':>9s} {'below fair':>11s} {'FLOPs fewer':>12s} "
