@@ -253,6 +253,7 @@ class Finetune(Section):
     pg_reduction: Literal["mean", "sum"] = "mean"  # authors' code sums over the batch here
     execution: Literal["sparse", "masked"] = "sparse"  # blocks on the images that keep them | paper's dense form
     greedy_ce: NonNegFloat = 0.0  # weight of the cross-entropy under the greedy actions (0: the paper's loss)
+    distill: NonNegFloat = 0.0  # >0: every block also runs, learns the labels and teaches the paths (KL, this weight)
     # The authors' step decay: from epoch lr_decay_epoch on (counted from 0) both rates are multiplied by
     # lr_decay (their CIFAR run: 1600 of 2000 epochs). 0: never.
     lr_decay_epoch: NonNegInt = 0

@@ -93,8 +93,10 @@ def run_both(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, cfg: Finetune = BU
     return runs["finetune"], runs["finetune-full"], blockdrop_backbone, full
 
 
-def test_the_fair_baseline_gets_exactly_blockdrops_backbone_budget(monkeypatch, tmp_path: Path) -> None:
-    blockdrop, full, _, _ = run_both(monkeypatch, tmp_path)
+@pytest.mark.parametrize("distill", [0.0, 1.0])
+def test_the_fair_baseline_gets_exactly_blockdrops_backbone_budget(distill: float, monkeypatch, tmp_path: Path) -> None:
+    # distill adds a forward of every block to finetune's steps, not an image or a draw of the generator
+    blockdrop, full, _, _ = run_both(monkeypatch, tmp_path, BUDGET.model_copy(update={"distill": distill}))
     # the same images: count, order, crops and flips, batch by batch, in every epoch
     sizes = [len(y) for _, y in full["batches"]]
     assert sizes == [len(y) for _, y in blockdrop["batches"]] == [32, 16] * BUDGET.epochs
@@ -130,7 +132,7 @@ def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 CHANGED_BUDGET = {"epochs": 3, "images_per_epoch": 40, "batch_size": 16, "backbone_lr": 1e-3, "lr_decay": 0.5,
                   "crop_padding": 0, "flip": False}
 POLICY_ONLY = {"alpha": 0.95, "penalty": 9.0, "pg_reduction": "sum", "execution": "masked", "greedy_ce": 2.0,
-               "cost": "flops"}
+               "distill": 1.0, "cost": "flops"}
 
 
 def test_each_budget_key_changes_the_result_and_no_policy_key_does(tmp_path: Path) -> None:

@@ -49,7 +49,7 @@ CIFAR10_R32 = {
     # the policy-gradient term summed over the batch, the dense masked forward, no extra loss
     "finetune.epochs": 2000, "finetune.images_per_epoch": 45000, "finetune.batch_size": 256, "finetune.lr": 1e-4,
     "finetune.backbone_lr": 0.0, "finetune.alpha": 0.8, "finetune.penalty": 5.0, "finetune.pg_reduction": "sum",
-    "finetune.execution": "masked", "finetune.greedy_ce": 0.0, "finetune.lr_decay_epoch": 1600,
+    "finetune.execution": "masked", "finetune.greedy_ce": 0.0, "finetune.distill": 0.0, "finetune.lr_decay_epoch": 1600,
     "finetune.lr_decay": 0.1, "finetune.crop_padding": 4, "finetune.flip": True, "finetune.cost": "blocks",
 }
 CIFAR100_R32 = {**CIFAR10_R32, "data.source": "cifar100"}
@@ -77,7 +77,7 @@ IMAGENET_R101 = {
     "curriculum.cost": "blocks",  # the paper's reward: every block costs 1/K (so in finetuning too)
     "finetune.epochs": 10, "finetune.images_per_epoch": 1271167, "finetune.batch_size": 320, "finetune.lr": 1e-4,
     "finetune.backbone_lr": 0.0, "finetune.alpha": 0.8, "finetune.penalty": 5.0, "finetune.pg_reduction": "sum",
-    "finetune.execution": "masked", "finetune.greedy_ce": 0.0, "finetune.lr_decay_epoch": 0,
+    "finetune.execution": "masked", "finetune.greedy_ce": 0.0, "finetune.distill": 0.0, "finetune.lr_decay_epoch": 0,
     "finetune.lr_decay": 0.1, "finetune.crop_padding": 0, "finetune.flip": True, "finetune.cost": "blocks",
 }
 
@@ -107,7 +107,7 @@ FASHION_R110 = {
     "curriculum.entropy": "bernoulli", "curriculum.keep_epoch": 0, "curriculum.cost": "blocks",
     "finetune.epochs": 8, "finetune.images_per_epoch": 24000, "finetune.batch_size": 256, "finetune.lr": 1e-4,
     "finetune.backbone_lr": 3e-4, "finetune.alpha": 0.8, "finetune.penalty": 2.0, "finetune.pg_reduction": "mean",
-    "finetune.execution": "sparse", "finetune.greedy_ce": 1.0, "finetune.lr_decay_epoch": 0,
+    "finetune.execution": "sparse", "finetune.greedy_ce": 1.0, "finetune.distill": 0.0, "finetune.lr_decay_epoch": 0,
     "finetune.lr_decay": 0.1, "finetune.crop_padding": 4, "finetune.flip": True, "finetune.cost": "blocks",
 }
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -27,7 +28,7 @@ from blockdrop.models import CifarResNet, policy_resnet8
 from blockdrop.predict import accuracy, predict, run_policy
 from blockdrop.train.context import TrainContext
 from blockdrop.train.curriculum import train_curriculum
-from blockdrop.train.finetune import finetune_jointly
+from blockdrop.train.finetune import distillation, finetune_jointly
 from blockdrop.train.rollout import rollout
 
 NORM = Normalize([0.2], [0.3], "cpu")
@@ -371,12 +372,17 @@ def test_curriculum_entropy_bonus_is_the_only_signal_when_every_prediction_is_wr
 # finetuning: the options change what is computed
 
 
-def first_step_grads(cfg: Finetune, state: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def first_step_grads(cfg: Finetune, state: Path, never_keep: int | None = None
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The gradients of the policy's and the backbone's parameters at finetuning's first step (same seed,
-    data and models every call)."""
+    data and models every call). ``never_keep``: a block the policy keeps with probability 1e-13 (with
+    ``alpha`` 1, neither the sampled nor the greedy actions ever keep it)."""
     train = bar_split(64, 1)
     torch.manual_seed(0)
     backbone, policy = CifarResNet((1, 1, 1), CLASSES, 1), policy_resnet8(3, 1)
+    if never_keep is not None:
+        with torch.no_grad():
+            policy.fc.bias[never_keep] = -30.0
     seen: dict[str, dict[str, torch.Tensor]] = {"policy": {}, "backbone": {}}
 
     def keep_first(p: torch.Tensor, part: str, name: str) -> None:
@@ -416,6 +422,44 @@ def test_finetune_execution_masked_changes_the_backbone_gradient(tmp_path: Path)
     differs = {n: (sparse[n] - masked[n]).abs().max().item() / (sparse[n].abs().max().item() + 1e-12)
                for n in sparse if n.startswith("blocks.")}
     assert max(differs.values()) > 1e-2, differs
+
+
+@pytest.mark.parametrize("execution", ["sparse", "masked"])
+def test_finetune_distill_trains_every_block_and_leaves_the_policy_alone(execution: str, tmp_path: Path) -> None:
+    # distill runs every block beside the policy's paths: a block no path keeps gets a gradient from the full
+    # path only. The policy learns from the reward alone, so its gradient, and the sampled actions behind it,
+    # do not change.
+    grads = {d: first_step_grads(finetune_cfg(alpha=1.0, distill=d, execution=execution), tmp_path / f"{d}.pt",
+                                 never_keep=2) for d in (0.0, 1.0)}
+    (paper_policy, paper_backbone), (distill_policy, distill_backbone) = grads[0.0], grads[1.0]
+    dropped = [n for n in distill_backbone if n.startswith("blocks.2.")]  # a gradient reached them ...
+    assert dropped and not any(n in paper_backbone for n in dropped)  # ... and none without distill
+    assert all(distill_backbone[n].abs().max() > 1e-6 for n in dropped if "conv" in n)
+    kept = "blocks.0.conv1.weight"
+    assert (distill_backbone[kept] - paper_backbone[kept]).abs().max() > 1e-3 * paper_backbone[kept].abs().max()
+    assert max(g.abs().max().item() for g in paper_policy.values()) > 1e-6
+    for name, g in paper_policy.items():
+        torch.testing.assert_close(distill_policy[name], g, rtol=1e-5, atol=1e-8, msg=name)
+
+
+def test_distillation_teaches_the_paths_and_leaves_the_teacher_to_the_labels() -> None:
+    # The full path's prediction is the target: a path that predicts it exactly pays nothing, and no gradient of
+    # the distillation term reaches the full path (it learns from the labels alone).
+    torch.manual_seed(0)
+    full = torch.randn(8, CLASSES, requires_grad=True)
+    paths = {name: torch.randn(8, CLASSES, requires_grad=True) for name in ("sampled", "greedy")}
+
+    def rollout_of(logits: torch.Tensor, greedy_logits: torch.Tensor) -> SimpleNamespace:
+        return SimpleNamespace(logits=logits, greedy_logits=greedy_logits, full_logits=full)
+
+    assert distillation(rollout_of(full * 1, full * 1), 1.0).item() == pytest.approx(0.0, abs=1e-6)
+    sampled_only = distillation(rollout_of(paths["sampled"], paths["greedy"]), 0.0)
+    both = distillation(rollout_of(paths["sampled"], paths["greedy"]), 2.0)
+    greedy_kl = F.kl_div(F.log_softmax(paths["greedy"], 1), F.softmax(full, 1), reduction="batchmean")
+    assert sampled_only.item() > 0
+    assert both.item() == pytest.approx(sampled_only.item() + 2.0 * greedy_kl.item(), rel=1e-6)
+    both.backward()
+    assert full.grad is None and paths["sampled"].grad.abs().max() > 0 and paths["greedy"].grad.abs().max() > 0
 
 
 def test_sparse_and_masked_forward_give_equal_gradients_in_eval_mode() -> None:

@@ -10,6 +10,11 @@ paths evaluation runs. The greedy forward is computed anyway for the self-critic
 costs only its backward; in a short finetuning it is worth about half a point of test accuracy.
 ``backbone_lr`` (ours too; 0 is the paper's single rate) lets the backbone, which must re-learn under
 half its blocks, take larger steps than the policy, which the curriculum has already trained.
+``distill`` (ours; 0 is the paper's loss) is in-place distillation (Yu and Huang's universally slimmable
+networks): each step also runs every block on the batch and trains that full path on the labels, and the
+sampled and greedy paths learn the full path's predicted distribution beside the labels (KL divergence,
+weight ``distill``; the greedy one's times ``greedy_ce``). The backbone then keeps learning as the whole
+network does, and the sub-networks the policy picks are taught by it.
 ``lr_decay_epoch`` / ``lr_decay`` are the authors' step decay (both rates x0.1 from epoch 1600 of 2000).
 """
 
@@ -32,11 +37,24 @@ from blockdrop.train.block_costs import CostTable
 from blockdrop.train.budget import backbone_lr, lr_factor
 from blockdrop.train.context import TrainContext
 from blockdrop.train.guard import check_step, check_weights
-from blockdrop.train.rollout import rollout
+from blockdrop.train.rollout import Rollout, rollout
 
 __all__ = ["finetune_jointly", "lr_factor"]  # lr_factor: blockdrop.train.budget's, shared with finetune-full
 
 log = logging.getLogger(__name__)
+
+
+def distillation(r: Rollout, greedy_weight: float) -> torch.Tensor:
+    """KL divergence of the sampled (and, weighted, the greedy) path's prediction from the full path's.
+
+    The full path's distribution is the target, so it is detached: the full network learns from the labels
+    alone, and the paths learn from it (a teacher taught by the sub-networks would drift towards them).
+    """
+    target = F.softmax(r.full_logits.detach(), 1)
+    kl = F.kl_div(F.log_softmax(r.logits, 1), target, reduction="batchmean")
+    if greedy_weight > 0:
+        kl = kl + greedy_weight * F.kl_div(F.log_softmax(r.greedy_logits, 1), target, reduction="batchmean")
+    return kl
 
 
 def finetune_jointly(
@@ -83,7 +101,8 @@ def finetune_jointly(
     step_rollout = data_parallel(dist, lambda x, y: rollout(
         backbone_fwd, policy_fwd, x, y, alpha=cfg.alpha, penalty=cfg.penalty, learnable=all_blocks,
         generator=generator, precision=precision, backbone_grad=True, greedy_grad=cfg.greedy_ce > 0,
-        masked=masked, skip_unused=masked and not dist.enabled, dist=dist, weights=weights), [policy_net, backbone],
+        masked=masked, skip_unused=masked and not dist.enabled, dist=dist, weights=weights, full=cfg.distill > 0),
+        [policy_net, backbone],
         skips_blocks=not masked)
 
     for epoch in range(start, cfg.epochs):
@@ -101,6 +120,8 @@ def finetune_jointly(
             ce = F.cross_entropy(r.logits, y)
             if cfg.greedy_ce > 0:
                 ce = ce + cfg.greedy_ce * F.cross_entropy(r.greedy_logits, y)
+            if r.full_logits is not None:
+                ce = ce + F.cross_entropy(r.full_logits, y) + cfg.distill * distillation(r, cfg.greedy_ce)
             loss = pg + ce
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

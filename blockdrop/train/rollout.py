@@ -27,6 +27,7 @@ class Rollout:
     greedy: torch.Tensor  # greedy 0/1 actions, forced-on blocks included
     logits: torch.Tensor  # backbone logits under the sampled actions (with grad when asked)
     greedy_logits: torch.Tensor  # backbone logits under the greedy actions (with grad when asked)
+    full_logits: torch.Tensor | None  # backbone logits with every block on (with grad), when asked
     reward: torch.Tensor  # reward of the sampled actions
     baseline: torch.Tensor  # reward of the greedy actions
     greedy_correct: torch.Tensor
@@ -53,6 +54,7 @@ def rollout(
     skip_unused: bool = False,
     dist: Dist = SINGLE,
     weights: torch.Tensor | None = None,
+    full: bool = False,
 ) -> Rollout:
     """Sample actions from the policy on ``x`` and score both them and the greedy actions on ``y``.
 
@@ -64,6 +66,7 @@ def rollout(
     ``skip_unused`` (with ``masked``): a block no image of the batch keeps is not run, as the authors' forward.
     ``dist``: ``x`` is this rank's part of a global batch; the samples are drawn for the whole of it.
     ``weights``: the blocks' shares of the cost in the reward (:func:`blockdrop.rl.reward`; None: 1/K each).
+    ``full``: also run every block on ``x``, with the graph (``full_logits``; finetune's ``distill``).
     """
     with autocast(precision, x.device):
         probs = torch.sigmoid(policy_net(x).float())
@@ -78,8 +81,13 @@ def rollout(
     with torch.set_grad_enabled(greedy_grad), autocast(precision, x.device):
         greedy_logits = run(x, greedy).float()
     greedy_correct = greedy_logits.detach().argmax(1) == y
+    full_logits = None
+    if full:
+        with autocast(precision, x.device):
+            full_logits = run(x, torch.ones_like(actions)).float()
     return Rollout(
         bounded=bounded, actions=actions, greedy=greedy, logits=logits, greedy_logits=greedy_logits,
+        full_logits=full_logits,
         reward=rl.reward(actions, logits.detach().argmax(1) == y, penalty, weights),
         baseline=rl.reward(greedy, greedy_correct, penalty, weights), greedy_correct=greedy_correct,
     )
