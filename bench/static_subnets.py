@@ -13,6 +13,10 @@ precision (bf16 where the CPU runs it natively: a few hundredths from ``evaluate
     python bench/static_subnets.py --keep 6,8 --models DIR   # blockdrop.pt, backbone.pt, backbone_finetuned.pt
     python bench/static_subnets.py --choice spread --keep 8  # each stage's first blocks in turn: no policy's choice
 
+The splits are prepared here from the raw data for the seed of ``--params``, exactly as ``prepare`` writes them:
+the training images, the validation images and the normalisation depend on the seed, and ``data/prepared`` holds
+one seed's only.
+
 Each k trains for as long as ``finetune-full`` does with k/K of its blocks (minutes per k on a 2-core CPU). FLOPs
 fewer is per image against the full backbone, BlockDrop's policy network included; a static network needs none.
 ``batch 1`` is the speedup over the full backbone, one image at a time, all in turns as ``evaluate`` times
@@ -30,16 +34,27 @@ from pathlib import Path
 import torch
 from inference_models import cpu_model
 
-from blockdrop.config import load_params
-from blockdrop.data import Normalize, load_meta, load_split
+from blockdrop.config import Params, load_params
+from blockdrop.data import Meta, Normalize, load_source, load_split, split_train_val, write_prepared
 from blockdrop.flops import count_flops
 from blockdrop.inference import FullPredictor, SkippingPredictor, measure_latency
 from blockdrop.models import load_backbone, load_blockdrop
 from blockdrop.predict import accuracy, predict, run_policy
 from blockdrop.runtime import resolve_precision, seed_everything
-from blockdrop.stage import DATA_DIR
 from blockdrop.train.context import TrainContext
 from blockdrop.train.finetune_full import finetune_full
+
+TENSOR_SOURCES = ("fashion-mnist", "cifar10", "cifar100")
+
+
+def prepare_seed(params: Params, out: Path) -> Meta:
+    """Write the splits ``prepare`` writes for ``params``' seed into ``out``. The training images (the budget's),
+    the validation images (which blocks count as most used) and the normalisation all depend on the seed, and a
+    clone's ``data/prepared`` holds one seed's only: the models of another seed's experiment need their own."""
+    d = params.data
+    raw = load_source(d.source, d.raw, d.verify_checksums)
+    return write_prepared(split_train_val(raw, d.val_size, params.seed, d.train_limit, d.test_limit), raw, d.source,
+                          out)
 
 
 def most_used(actions: torch.Tensor, k: int) -> torch.Tensor:
@@ -90,10 +105,13 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")  # a line per epoch
     params = load_params(args.params)
+    if params.data.source not in TENSOR_SOURCES:
+        sys.exit(f"data.source {params.data.source!r}: the bench prepares in-memory sources only {TENSOR_SOURCES}")
     device = torch.device("cpu")
     precision = resolve_precision(params.precision, device)
-    meta = load_meta(DATA_DIR)
-    train, val, test = (load_split(DATA_DIR, s, meta) for s in ("train", "val", "test"))
+    with tempfile.TemporaryDirectory() as tmp:
+        meta = prepare_seed(params, Path(tmp))
+        train, val, test = (load_split(tmp, s, meta) for s in ("train", "val", "test"))
     normalize = Normalize(meta.mean, meta.std, device)
 
     backbone, policy = load_blockdrop(args.models / "blockdrop.pt")
